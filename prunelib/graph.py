@@ -1,0 +1,731 @@
+"""Channel groups: which channels of a network must be removed together.
+
+We trace the model with torch.fx and run it once on `example_inputs`. Next to every real tensor
+we propagate a tensor of *codes* of the same shape: code = 2 * (id + 1) + safe, where `id` names
+the channel an element belongs to (-1: a constant) and `safe` says that the element is exactly 0
+once that channel's producers are zeroed. Ops that only move data (view, permute, cat, pad,
+getitem, channel shuffle, ...) are replayed on the codes, so couplings through flatten, concat,
+shuffle and the option-A shortcut of CIFAR ResNets fall out without special cases. Elementwise
+ops (residual adds, gating multiplies) *union* the ids they combine; a union-find over ids then
+gives the classes of channels that must go together.
+
+Every tensor slice indexed by channels is a *slot*: conv/linear output rows and biases ('out'),
+consumer input slices ('in'), BN/affine gamma and beta and per-channel parameters ('affine'),
+running statistics and PReLU slopes ('stat', sliced but never zeroed). A `ChannelGroup` is a set
+of classes that touch exactly the same slots; channel k of the group is one class.
+
+Channels that reach the network output, come from its input, pass through a normalization over
+channels (LayerNorm, GroupNorm, softmax) or a channel-mixing op (matmul, einsum), or reach a
+consumer through an op with f(0) != 0 (sigmoid, ...) are frozen: never in a group. An op we do not
+know raises `UnsupportedOpError` naming the node; `register_op` tells us what it does.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+ROLES = ("out", "in", "affine", "stat")
+
+
+class UnsupportedOpError(RuntimeError):
+    """An operation whose effect on channels prunelib does not know."""
+
+
+# --- what each op does to channels --------------------------------------------------------------
+# zero:    elementwise, f(0) = 0            unsafe:  elementwise, f(0) != 0
+# move:    only moves data: replay on codes  chan:    per channel, spatial dims may change
+# binary:  elementwise of two operands       reduce:  reduction over `dim`
+# mix:     mixes channels: inputs frozen, output opaque          meta: returns no tensor
+_OPS: dict[str, str] = {}
+for _k, _names in {
+    "zero": "relu relu_ relu6 leaky_relu leaky_relu_ gelu silu mish hardswish elu selu celu tanh "
+            "hardtanh hardtanh_ softsign dropout dropout1d dropout2d dropout3d alpha_dropout "
+            "feature_alpha_dropout identity neg abs clone contiguous detach float double half "
+            "bfloat16 to type type_as sin tanhshrink softshrink hardshrink erf sqrt "
+            "stochastic_depth",
+    "unsafe": "sigmoid hardsigmoid softplus exp cos log_sigmoid logsigmoid reciprocal rsqrt",
+    "move": "view reshape permute transpose t flatten unflatten squeeze unsqueeze expand "
+            "expand_as repeat getitem cat concat concatenate stack chunk split tensor_split "
+            "unbind narrow select index_select flip roll pixel_shuffle pixel_unshuffle "
+            "channel_shuffle native_channel_shuffle movedim swapaxes pad",
+    "chan": "max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d "
+            "adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d "
+            "adaptive_max_pool3d lp_pool2d interpolate upsample upsample_nearest upsample_bilinear",
+    "binary": "add sub mul truediv div iadd isub imul itruediv add_ mul_ sub_ div_ rsub maximum "
+              "minimum",
+    "reduce": "mean sum amax amin std var logsumexp",
+    "mix": "matmul bmm mm einsum softmax log_softmax layer_norm group_norm local_response_norm "
+           "linear scaled_dot_product_attention baddbmm addmm norm",
+    "meta": "size dim numel getattr shape",
+}.items():
+    for _n in _names.split():
+        _OPS[_n] = _k
+
+_MODULE_OPS: dict[type, str] = {
+    nn.ReLU: "zero", nn.ReLU6: "zero", nn.LeakyReLU: "zero", nn.GELU: "zero", nn.SiLU: "zero",
+    nn.Mish: "zero", nn.Hardswish: "zero", nn.ELU: "zero", nn.SELU: "zero", nn.CELU: "zero",
+    nn.Tanh: "zero", nn.Hardtanh: "zero", nn.Softsign: "zero", nn.Identity: "zero",
+    nn.Dropout: "zero", nn.Dropout1d: "zero", nn.Dropout2d: "zero", nn.Dropout3d: "zero",
+    nn.AlphaDropout: "zero", nn.Softshrink: "zero", nn.Hardshrink: "zero",
+    nn.Sigmoid: "unsafe", nn.Hardsigmoid: "unsafe", nn.Softplus: "unsafe",
+    nn.MaxPool1d: "chan", nn.MaxPool2d: "chan", nn.MaxPool3d: "chan", nn.AvgPool1d: "chan",
+    nn.AvgPool2d: "chan", nn.AvgPool3d: "chan", nn.AdaptiveAvgPool1d: "chan",
+    nn.AdaptiveAvgPool2d: "chan", nn.AdaptiveAvgPool3d: "chan", nn.AdaptiveMaxPool1d: "chan",
+    nn.AdaptiveMaxPool2d: "chan", nn.AdaptiveMaxPool3d: "chan", nn.LPPool2d: "chan",
+    nn.Upsample: "chan", nn.UpsamplingNearest2d: "chan", nn.UpsamplingBilinear2d: "chan",
+    nn.ReflectionPad2d: "chan", nn.ReplicationPad2d: "chan",
+    nn.ZeroPad2d: "chan", nn.Flatten: "move", nn.Unflatten: "move", nn.PixelShuffle: "move",
+    nn.PixelUnshuffle: "move", nn.ChannelShuffle: "move",
+    nn.LayerNorm: "mix", nn.GroupNorm: "mix", nn.LocalResponseNorm: "mix", nn.Softmax: "mix",
+    nn.LogSoftmax: "mix", nn.MultiheadAttention: "mix",
+}
+
+
+def register_op(target: Any, kind: str) -> None:
+    """Tell `channel_groups` what an op does: kind in zero/unsafe/move/chan/mix (see above).
+
+    `target` is a function/method name (str) or an nn.Module subclass (treated as a leaf).
+    """
+    if kind not in ("zero", "unsafe", "move", "chan", "mix"):
+        raise ValueError(f"unknown op kind {kind!r}")
+    if isinstance(target, type):
+        _MODULE_OPS[target] = kind
+    else:
+        _OPS[str(target)] = kind
+
+
+# --- groups ---------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One tensor slice of a group: `idx[k]` are the positions along `dim` of channel k."""
+    module: str          # qualified module name ('' = the model itself)
+    param: str           # attribute name: 'weight', 'bias', 'running_mean', ...
+    dim: int             # the dimension indexed by channels
+    idx: torch.Tensor    # LongTensor (size, m); m > 1 after flatten (H*W) or grouped convs
+    role: str            # 'out' | 'in' | 'affine' | 'stat'
+    kind: str            # class name of the module, e.g. 'Conv2d', 'BatchNorm2d'
+
+    def tensor(self, model: nn.Module) -> torch.Tensor:
+        return getattr(model.get_submodule(self.module), self.param)
+
+    def __repr__(self) -> str:
+        return (f"Member({self.module or '<root>'}.{self.param}[dim {self.dim}], {self.role}, "
+                f"{self.kind}, {tuple(self.idx.shape)})")
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be removed together; `size` of them, channel k = row k of every idx."""
+    index: int
+    size: int
+    members: list[Member]
+    sources: list[str]                 # layers whose outputs create these channels
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def coupled(self) -> bool:
+        """True when several layers produce the same channels (joined by residual adds)."""
+        return len(self.sources) > 1
+
+    def by_role(self, *roles: str) -> list[Member]:
+        return [m for m in self.members if m.role in roles]
+
+    def bns(self) -> list[Member]:
+        """The BatchNorm gamma members (one per BN layer of the group)."""
+        return [m for m in self.members
+                if m.role == "affine" and m.param == "weight" and "BatchNorm" in m.kind]
+
+    def rows(self, model: nn.Module | None = None, roles: Iterable[str] = ("out",),
+             params: Iterable[str] | None = None) -> list[torch.Tensor]:
+        """Differentiable slices of the members, each reshaped to (size, -1): row k = channel k."""
+        model = self._model(model)
+        out = []
+        for m in self.members:
+            if m.role not in roles or (params is not None and m.param not in params):
+                continue
+            t = m.tensor(model).index_select(m.dim, m.idx.reshape(-1).to(m.tensor(model).device))
+            t = t.movedim(m.dim, 0).reshape(self.size, -1)        # (size*m, ...) -> (size, -1)
+            out.append(t)
+        return out
+
+    def zero_(self, idx: torch.Tensor | Iterable[int], model: nn.Module | None = None) -> None:
+        """Zero every producer parameter (rows, biases, gamma, beta) of channels `idx`."""
+        model = self._model(model)
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        with torch.no_grad():
+            for m in self.by_role("out", "affine"):
+                t = m.tensor(model)
+                t.index_fill_(m.dim, m.idx[idx].reshape(-1).to(t.device), 0.0)
+
+    def _model(self, model: nn.Module | None) -> nn.Module:
+        if model is None:
+            model = self.model
+        if model is None:
+            raise ValueError("this group holds no model; pass model=")
+        return model
+
+    def __repr__(self) -> str:
+        def names(role: str) -> str:
+            seen = list(dict.fromkeys(m.module or "<root>" for m in self.by_role(role)))
+            return ", ".join(seen[:6]) + (f", +{len(seen) - 6}" if len(seen) > 6 else "")
+        kind = "coupled" if self.coupled else "internal"
+        return (f"ChannelGroup(#{self.index}, {self.size} ch, {kind}; out: {names('out')}; "
+                f"affine: {names('affine')}; in: {names('in')})")
+
+
+# --- tracing --------------------------------------------------------------------------------------
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if not keep.any():
+            return
+        for x, y in np.unique(np.stack([a[keep], b[keep]], 1), axis=0):
+            rx, ry = self.find(int(x)), self.find(int(y))
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+
+def _enc(ids: torch.Tensor, safe: torch.Tensor | bool) -> torch.Tensor:
+    return 2 * (ids + 1) + torch.as_tensor(safe, dtype=torch.long)
+
+
+def _ids(code: torch.Tensor) -> torch.Tensor:
+    return torch.div(code, 2, rounding_mode="floor") - 1
+
+
+def _safe(code: torch.Tensor) -> torch.Tensor:
+    return code % 2
+
+
+def _const_code(value: Any) -> torch.Tensor:
+    """Code of a constant: id -1, safe iff it is exactly zero."""
+    zero = bool((torch.as_tensor(value) == 0).all()) if value is not None else False
+    return torch.tensor(1 if zero else 0)
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module, example_inputs: tuple) -> None:
+        self.model = model
+        self.uf = _UnionFind()
+        self.frozen: list[np.ndarray] = []
+        self.slots: dict[tuple[str, str, int], dict] = {}
+        self.inputs = example_inputs
+
+    # slots ---------------------------------------------------------------------------------------
+    def slot(self, module: str, param: str, dim: int, ids: np.ndarray, role: str, kind: str,
+             source: bool = False) -> None:
+        key = (module, param, dim)
+        ids = np.asarray(ids, dtype=np.int64)
+        if key in self.slots:                   # a module called twice: same channels
+            self.uf.union_arrays(self.slots[key]["ids"], ids)
+            return
+        self.slots[key] = dict(ids=ids, role=role, kind=kind, source=source)
+
+    def per_channel(self, code: torch.Tensor, dim: int,
+                    freeze_unsafe: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """ids and safety of each position along `dim` (union of ids found at that position).
+
+        A consumer (conv/linear input) that would see a non-zero value from a zeroed channel
+        freezes it (`freeze_unsafe`); BN and pooling pass the flag on instead.
+        """
+        c = code.movedim(dim, 0).reshape(code.shape[dim], -1)             # (C, rest)
+        ids, safe = _ids(c), _safe(c)
+        lo, hi = ids.amin(1), ids.amax(1)
+        out = hi.clone()
+        for ch in torch.nonzero(lo != hi).flatten().tolist():             # mixed positions
+            vals = torch.unique(ids[ch])
+            vals = vals[vals >= 0].numpy()
+            self.uf.union_arrays(vals[:1], vals)
+            out[ch] = int(vals[0])
+        unsafe = safe.amin(1) == 0
+        ids_np = out.numpy().astype(np.int64)
+        if freeze_unsafe:
+            self.freeze(ids_np[unsafe.numpy()])
+        return ids_np, (~unsafe).numpy()
+
+    def freeze(self, ids: Any) -> None:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = ids[ids >= 0]
+        if ids.size:
+            self.frozen.append(np.unique(ids))
+
+    def freeze_code(self, code: Any) -> None:
+        for c in _tensors(code):
+            self.freeze(torch.unique(_ids(c)).numpy())
+
+    # handlers ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        gm = fx.symbolic_trace(self.model)
+        self.gm = gm
+        last_use: dict[fx.Node, fx.Node] = {}
+        for node in gm.graph.nodes:
+            for a in node.all_input_nodes:
+                last_use[a] = node
+        env: dict[fx.Node, Any] = {}
+        codes: dict[fx.Node, Any] = {}
+        inputs = iter(self.inputs)
+        for node in gm.graph.nodes:
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            cargs = fx.node.map_arg(node.args, lambda n: codes[n])
+            ckw = fx.node.map_arg(node.kwargs, lambda n: codes[n])
+            if node.op == "placeholder":
+                real = next(inputs, None)
+                code = None
+                if isinstance(real, torch.Tensor):
+                    code = self.fresh_code(real, frozen=True)
+            elif node.op == "get_attr":
+                real = _fetch(gm, node.target)
+                code = self.attr_code(node.target, real)
+            elif node.op == "output":
+                self.freeze_code(cargs)
+                break
+            else:
+                real, code = self.call(node, args, kwargs, cargs, ckw)
+            env[node], codes[node] = real, code
+            for a in node.all_input_nodes:
+                if last_use.get(a) is node:
+                    del env[a], codes[a]
+
+    def fresh_code(self, real: torch.Tensor, frozen: bool = False, dim: int = 1) -> torch.Tensor:
+        if real.dim() <= dim:
+            return _const_code(None).expand(real.shape)
+        ids = torch.from_numpy(self.uf.new(real.shape[dim]))
+        if frozen:
+            self.freeze(ids.numpy())
+        shape = [1] * real.dim()
+        shape[dim] = -1
+        return _enc(ids.reshape(shape), True).expand(real.shape)
+
+    def attr_code(self, target: str, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return None
+        big = [d for d, s in enumerate(t.shape) if s > 1]
+        if len(big) != 1:
+            return _const_code(t).expand(t.shape)
+        owner, _, name = target.rpartition(".")
+        d = big[0]
+        ids = self.uf.new(t.shape[d])
+        kind = type(self.model.get_submodule(owner)).__name__
+        self.slot(owner, name, d, ids, "affine", kind)
+        shape = [1] * t.dim()
+        shape[d] = -1
+        return _enc(torch.from_numpy(ids).reshape(shape), True).expand(t.shape)
+
+    def call(self, node: fx.Node, args: tuple, kwargs: dict, cargs: tuple, ckw: dict):
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            real = mod(*args, **kwargs)
+            return real, self.module_code(node, mod, real, args, cargs)
+        fn = node.target
+        if node.op == "call_method":
+            real = getattr(args[0], fn)(*args[1:], **kwargs)
+            name = fn
+        else:
+            real = fn(*args, **kwargs)
+            name = getattr(fn, "__name__", str(fn))
+        if not _tensors(args) and not _tensors(kwargs):
+            return real, _const_like(real)
+        kind = _OPS.get(name)
+        if name == "getattr" or kind == "meta":
+            return real, _const_like(real) if isinstance(real, torch.Tensor) else None
+        if kind is None:
+            raise UnsupportedOpError(
+                f"channel_groups cannot follow channels through {node.op} {name!r} "
+                f"(node '{node.name}'). If it does not mix channels, declare what it does with "
+                f"prunelib.graph.register_op({name!r}, kind) before tracing.")
+        return real, self.apply(kind, name, node, real, args, kwargs, cargs, ckw)
+
+    def apply(self, kind: str, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
+              cargs: tuple, ckw: dict) -> Any:
+        x = cargs[0] if cargs else next(iter(ckw.values()))
+        if kind == "zero":
+            return x.expand(real.shape) if isinstance(x, torch.Tensor) else x
+        if kind == "unsafe":
+            return _enc(_ids(x), False).expand(real.shape)
+        if kind == "move":
+            return self.replay(name, node, real, args, kwargs, cargs, ckw)
+        if kind == "chan":
+            return self.channelwise(x, real)
+        if kind == "binary":
+            return self.binary(name, args, cargs, real)
+        if kind == "reduce":
+            return self.reduce(x, real, args, kwargs)
+        self.freeze_code((cargs, ckw))                           # mix
+        return _map_tensors(real, lambda r: _const_code(None).expand(r.shape))
+
+    def replay(self, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
+               cargs: tuple, ckw: dict) -> Any:
+        """Run a data-movement op on the codes instead of the values.
+
+        A pruned model re-runs the same op with sizes derived from its (smaller) inputs, but with
+        the same literal constants. So before replaying, channels that a literal would misplace
+        are frozen (slices, narrow, literal split sizes, channel padding) or coupled so that
+        the structure survives removal (chunk, channel shuffle, a view that splits channels).
+        """
+        def sub(real_arg: Any, code_arg: Any) -> Any:
+            if isinstance(real_arg, torch.Tensor):
+                return code_arg.contiguous()
+            if isinstance(real_arg, (list, tuple)):
+                return type(real_arg)(sub(r, c) for r, c in zip(real_arg, code_arg))
+            return real_arg
+        x = cargs[0] if cargs and isinstance(cargs[0], torch.Tensor) else None
+        if x is not None:
+            self.literal_rules(name, node, x, args, kwargs, real)
+        a = tuple(sub(r, c) for r, c in zip(args, cargs))
+        kw = {k: sub(v, ckw[k]) for k, v in kwargs.items()}
+        if name == "pad":
+            value = kw.pop("value", a[3] if len(a) > 3 else 0) or 0
+            mode = kw.pop("mode", a[2] if len(a) > 2 else "constant")
+            if mode != "constant":
+                return self.channelwise(cargs[0], real)
+            return self.pad(a[0], list(a[1]), value)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*a, **kw)
+        if node.op == "call_method":
+            fn = "reshape" if name == "view" else name
+            return getattr(a[0], fn)(*a[1:], **kw)
+        if name == "getitem" and not isinstance(args[0], torch.Tensor):
+            return cargs[0][args[1]]
+        return node.target(*a, **kw)
+
+    def pad(self, code: torch.Tensor, pads: list[int], value: Any) -> torch.Tensor:
+        """Constant padding; positions padded along a channel dim get a frozen id (the pruned
+        model pads by the same literal amount, so whatever they are added to must stay)."""
+        pin = int(self.uf.new(1)[0])
+        self.freeze([pin])
+        varying = _varying_dims(code)
+        for i in range(0, len(pads), 2):
+            d = code.dim() - 1 - i // 2
+            fill = _enc(torch.tensor(pin), True) if d in varying else _const_code(value)
+            code = F.pad(code, [0, 0] * (i // 2) + pads[i:i + 2], value=int(fill))
+        return code
+
+    def literal_rules(self, name: str, node: fx.Node, x: torch.Tensor, args: tuple,
+                      kwargs: dict, real: Any) -> None:
+        varying = _varying_dims(x)
+        if not varying:
+            return
+        def dim_arg(pos: int, default: int = 0) -> int:
+            d = kwargs.get("dim", args[pos] if len(args) > pos else default)
+            return d % x.dim()
+        if name == "getitem":
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(d in varying for d in _indexed_dims(idx, x.dim())):
+                self.freeze_code(x)
+        elif name in ("narrow", "select", "index_select", "unbind", "tensor_split"):
+            if dim_arg(1) in varying:
+                self.freeze_code(x)
+        elif name == "split":
+            if dim_arg(2) in varying:
+                self.freeze_code(x)
+        elif name == "chunk":
+            d, n = dim_arg(2), args[1]
+            if d in varying:
+                if x.shape[d] % n:
+                    self.freeze_code(x)
+                else:
+                    self.couple_blocks(x, d, n)
+        elif name in ("channel_shuffle", "native_channel_shuffle", "ChannelShuffle"):
+            g = (self.gm.get_submodule(node.target).groups if node.op == "call_module"
+                 else args[1] if len(args) > 1 else kwargs["groups"])
+            self.couple_blocks(x, 1, g)
+        elif name in ("view", "reshape"):
+            sizes = node.args[1:] if len(node.args) > 2 or not isinstance(
+                node.args[1], (list, tuple)) else node.args[1]
+            self.split_rule(x, varying, list(sizes), real.shape)
+
+    def couple_blocks(self, x: torch.Tensor, d: int, n: int) -> None:
+        """Dim d is cut into n equal blocks whose size the pruned model derives from its input:
+        position p of every block must go together."""
+        ids, _ = self.per_channel(x, d, freeze_unsafe=False)
+        blocks = ids.reshape(n, -1)
+        for k in range(1, n):
+            self.uf.union_arrays(blocks[0], blocks[k])
+
+    def split_rule(self, x: torch.Tensor, varying: set[int], sizes: list, out: torch.Size):
+        """A view that splits a channel dim into factors: factors given as literals stay fixed in
+        the pruned model, the others shrink; couple positions across the fixed factors."""
+        i = j = 0
+        shape = list(x.shape)
+        while i < len(shape) and j < len(out):
+            pi, pj, i0, j0 = shape[i], out[j], i, j
+            while pi != pj:
+                if pi < pj:
+                    i += 1
+                    pi *= shape[i]
+                else:
+                    j += 1
+                    pj *= out[j]
+            factors = [k for k in range(j0, j + 1) if out[k] > 1]
+            if i == i0 and i0 in varying and len(factors) > 1:
+                lit = [k for k in factors if isinstance(sizes[k], int) and sizes[k] != -1]
+                if len(lit) == len(factors):
+                    self.freeze_code(x)
+                elif lit:
+                    ids, _ = self.per_channel(x, i0, freeze_unsafe=False)
+                    arr = ids.reshape([out[k] for k in factors])
+                    arr = np.moveaxis(arr, [factors.index(k) for k in lit],
+                                      list(range(len(lit))))
+                    arr = arr.reshape(int(np.prod([out[k] for k in lit])), -1)
+                    for k in range(1, arr.shape[0]):
+                        self.uf.union_arrays(arr[0], arr[k])
+            i, j = i + 1, j + 1
+
+    def channelwise(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        ids, safe = self.per_channel(x, 1, freeze_unsafe=False)
+        shape = [1] * real.dim()
+        shape[1] = -1
+        code = _enc(torch.from_numpy(ids), torch.from_numpy(safe).long())
+        return code.reshape(shape).expand(real.shape)
+
+    def binary(self, name: str, args: tuple, cargs: tuple, real: torch.Tensor) -> torch.Tensor:
+        ca = [c if isinstance(a, torch.Tensor) else _const_code(a)
+              for a, c in zip(args[:2], cargs[:2])]
+        a, b = torch.broadcast_tensors(*ca)
+        ia, ib = _ids(a), _ids(b)
+        self.uf.union_arrays(ia.numpy(), ib.numpy())
+        ids = torch.where(ia >= 0, ia, ib)
+        sa, sb = _safe(a), _safe(b)
+        if name in ("mul", "imul", "mul_"):
+            safe = sa | sb
+        elif name in ("truediv", "div", "itruediv", "div_"):
+            safe = sa
+        else:
+            safe = sa & sb
+        return _enc(ids, safe).expand(real.shape)
+
+    def reduce(self, x: torch.Tensor, real: Any, args: tuple, kwargs: dict) -> Any:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        vals = real[0] if isinstance(real, tuple) else real
+        dims = list(range(x.dim())) if dim is None else (
+            [dim] if isinstance(dim, int) else list(dim))
+        dims = [d % x.dim() for d in dims]
+        ids = _ids(x)
+        lo, hi = ids, ids
+        for d in dims:
+            lo, hi = lo.amin(d, keepdim=True), hi.amax(d, keepdim=True)
+        varying = (lo != hi).expand_as(ids)
+        self.freeze(ids[varying].unique().numpy())
+        safe = _safe(x)
+        for d in dims:
+            safe = safe.amin(d, keepdim=True)
+        code = _enc(hi, safe & (lo == hi).long())
+        if not keep:
+            for d in sorted(dims, reverse=True):
+                code = code.squeeze(d)
+        code = code.expand(vals.shape)
+        if isinstance(real, tuple):                   # (values, indices)
+            return type(real)((code, _const_code(None).expand(real[1].shape)))
+        return code
+
+    def module_code(self, node: fx.Node, mod: nn.Module, real: Any, args: tuple,
+                    cargs: tuple) -> Any:
+        name, kind = node.target, type(mod).__name__
+        x = cargs[0] if cargs else None
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.conv(name, mod, x, real)
+        if isinstance(mod, nn.Linear):
+            ids, _ = self.per_channel(x, x.dim() - 1)
+            self.slot(name, "weight", 1, ids, "in", kind)
+            out = self.uf.new(mod.out_features)
+            self.slot(name, "weight", 0, out, "out", kind, source=True)
+            if mod.bias is not None:
+                self.slot(name, "bias", 0, out, "out", kind)
+            return self.fresh_like(out, real, real.dim() - 1)
+        if isinstance(mod, (nn.modules.batchnorm._NormBase)):   # BatchNorm*, InstanceNorm*
+            ids, _ = self.per_channel(x, 1, freeze_unsafe=False)   # zeroed gamma, beta -> 0
+            if mod.affine:
+                self.slot(name, "weight", 0, ids, "affine", kind)
+                self.slot(name, "bias", 0, ids, "affine", kind)
+            if mod.track_running_stats and mod.running_mean is not None:
+                self.slot(name, "running_mean", 0, ids, "stat", kind)
+                self.slot(name, "running_var", 0, ids, "stat", kind)
+            code = self.fresh_like(ids, real, 1)
+            return code if mod.affine else _enc(_ids(code), False)   # (x - mu) / sigma != 0
+        if isinstance(mod, nn.PReLU):
+            if mod.num_parameters > 1:
+                ids, _ = self.per_channel(x, 1, freeze_unsafe=False)
+                self.slot(name, "weight", 0, ids, "stat", kind)
+            return x.expand(real.shape)
+        op = next((k for t, k in _MODULE_OPS.items() if type(mod) is t), None)
+        if op is None:
+            raise UnsupportedOpError(
+                f"channel_groups cannot follow channels through module {kind} at '{name}'. "
+                f"If it does not mix channels, declare it with "
+                f"prunelib.graph.register_op({kind}, kind) before tracing.")
+        return self.apply(op, kind, node, real, args, {}, cargs, {})
+
+    def conv(self, name: str, mod: nn.Module, x: torch.Tensor, real: torch.Tensor):
+        kind = type(mod).__name__
+        ids, _ = self.per_channel(x, 1)                              # (C_in,)
+        g, cin, cout = mod.groups, mod.in_channels, mod.out_channels
+        if cin // g == 1:                                            # depthwise: out j <- in j//m
+            out = np.repeat(ids, cout // cin)
+            self.slot(name, "weight", 0, out, "out", kind)
+            if mod.bias is not None:
+                self.slot(name, "bias", 0, out, "out", kind)
+            return self.fresh_like(out, real, 1)
+        per_g = ids.reshape(g, cin // g)                             # grouped: position p of
+        for k in range(1, g):                                        # every group goes together
+            self.uf.union_arrays(per_g[0], per_g[k])
+        self.slot(name, "weight", 1, per_g[0], "in", kind)
+        out = np.tile(self.uf.new(cout // g), g)
+        self.slot(name, "weight", 0, out, "out", kind, source=True)
+        if mod.bias is not None:
+            self.slot(name, "bias", 0, out, "out", kind)
+        return self.fresh_like(out, real, 1)
+
+    def fresh_like(self, ids: np.ndarray, real: torch.Tensor, dim: int) -> torch.Tensor:
+        """Codes of an output whose positions along `dim` carry `ids` (safe: zeroed producer)."""
+        shape = [1] * real.dim()
+        shape[dim] = -1
+        return _enc(torch.from_numpy(np.asarray(ids)).reshape(shape), True).expand(real.shape)
+
+    # groups --------------------------------------------------------------------------------------
+    def groups(self) -> list[ChannelGroup]:
+        uf = self.uf
+        roots = np.array([uf.find(i) for i in range(len(uf.parent))], dtype=np.int64)
+        frozen = np.zeros(len(roots), dtype=bool)
+        if self.frozen:
+            frozen[roots[np.concatenate(self.frozen)]] = True
+        # class -> {slot key: positions}
+        members: dict[int, dict[tuple, list[int]]] = {}
+        sourced: set[int] = set()
+        keys = list(self.slots)
+        for key in keys:
+            s = self.slots[key]
+            r = roots[s["ids"]]
+            for pos in np.nonzero(~frozen[r])[0]:
+                members.setdefault(int(r[pos]), {}).setdefault(key, []).append(int(pos))
+            if s["source"]:
+                sourced.update(int(v) for v in np.unique(r))
+        order = {k: i for i, k in enumerate(keys)}
+        by_sig: dict[tuple, list[int]] = {}
+        for cls, slots in members.items():
+            if cls not in sourced:
+                continue
+            sig = tuple(sorted(((k, len(p)) for k, p in slots.items()), key=lambda t: order[t[0]]))
+            by_sig.setdefault(sig, []).append(cls)
+        out = []
+        for sig, classes in by_sig.items():
+            first = sig[0][0]
+            classes.sort(key=lambda c: members[c][first][0])
+            mems, sources = [], []
+            for key, _ in sig:
+                s = self.slots[key]
+                idx = torch.tensor([members[c][key] for c in classes], dtype=torch.long)
+                mems.append(Member(key[0], key[1], key[2], idx, s["role"], s["kind"]))
+                if s["source"]:
+                    sources.append(key[0])
+            out.append(ChannelGroup(0, len(classes), mems, sources, self.model))
+        out.sort(key=lambda g: min(order[(m.module, m.param, m.dim)] for m in g.members))
+        for i, g in enumerate(out):
+            g.index = i
+        return out
+
+
+def _varying_dims(code: torch.Tensor) -> set[int]:
+    """Dims along which the channel ids of `code` change (the dims that carry channels)."""
+    ids = _ids(code)
+    return {d for d in range(ids.dim())
+            if ids.shape[d] > 1 and bool((ids.amax(d) != ids.amin(d)).any())}
+
+
+def _indexed_dims(idx: tuple, ndim: int) -> list[int]:
+    """Dims of a tensor that an index tuple restricts (anything but a full ':' slice)."""
+    out, d = [], 0
+    n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
+    for e in idx:
+        if e is Ellipsis:
+            d += ndim - n_real
+        elif e is None:
+            continue
+        else:
+            if not (isinstance(e, slice) and e == slice(None)):
+                out.append(d)
+            d += 1
+    return out
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def _map_tensors(x: Any, fn) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x) if not hasattr(x, "_fields") else \
+            type(x)(*(_map_tensors(v, fn) for v in x))
+    return None
+
+
+def _const_like(real: Any) -> Any:
+    return _map_tensors(real, lambda r: _const_code(r).expand(r.shape))
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
+    """Trace `model` on `example_inputs` (a tensor or tuple) and return its channel groups.
+
+    The model is run once (in its current train/eval mode, without gradients). Every group holds
+    a reference to `model`, which `ChannelGroup.zero_` acts on by default.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    tracer = _Tracer(model, tuple(inputs))
+    with torch.no_grad():
+        tracer.run()
+    traced = {k[0] for k in tracer.slots}
+    untraced = [n for n, m in model.named_modules()
+                if n and not list(m.children()) and any(True for _ in m.parameters(False))
+                and n not in traced and _is_leaf_with_channels(m)]
+    if untraced:
+        warnings.warn("modules not used in the traced forward pass are left unchanged by "
+                      f"pruning: {', '.join(untraced[:8])}" + (" ..." if len(untraced) > 8 else ""))
+    return tracer.groups()
+
+
+def _is_leaf_with_channels(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                          nn.modules.batchnorm._NormBase))
+
+
+__all__ = ["ChannelGroup", "Member", "UnsupportedOpError", "channel_groups", "register_op",
+           "ROLES"]

@@ -1,0 +1,180 @@
+"""One protocol for every method: dense baseline -> regularize -> remove -> fine-tune.
+
+    model, info = load_baseline("resnet20", data)             # committed / cached / trained
+    pruned, result = run("ns", model, data, Budget(macs=0.5), scale="quick")
+
+The phases and what `result` records (also the JSON written by `prunelib run`):
+  dense        accuracy, MACs, params of the baseline;
+  regularized  accuracy at the end of the method's sparse phase (gates still attached);
+  removed      accuracy right after the channels are physically removed (no training yet):
+               a regularizer earns its name when this is close to `regularized`;
+  finetuned    accuracy after plain fine-tuning of the smaller model.
+plus latency of both models (median ms at batch 1 and 64, on the run's device), wall time of
+every phase, the method's hyperparameters, torch version and device.
+
+Scales (every knob in one place, `SCALES`): 'quick' is minutes on a 2-core CPU (a 10k-image
+class-balanced training subset, 2 + 2 epochs from the committed baseline); 'full' is the
+papers' schedule for a GPU (full training set, 160 epochs of sparse training and 160 of
+fine-tuning, lr 0.1 with steps at 50% / 75%, as NS's official code).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import methods as _methods
+from .graph import channel_groups
+from .measure import count, latency
+from .methods.base import Context, Method
+from .select import Budget
+
+
+@dataclass(frozen=True)
+class Scale:
+    """All settings of one scale. Epochs may be fractional."""
+    name: str
+    subset: int | None          # training images (None = all 50k minus holdout)
+    holdout: int                # held-out training images (EagleEye / GBN calibration)
+    batch_size: int
+    reg_epochs: float           # sparse-training phase
+    reg_lr: float
+    ft_epochs: float            # fine-tuning phase
+    ft_lr: float
+    schedule: str               # 'cosine' or 'step' (x0.1 at 50% and 75%)
+    weight_decay: float
+    baseline_epochs: int        # dense training when no baseline checkpoint exists
+    baseline_lr: float
+
+
+SCALES: dict[str, Scale] = {
+    "quick": Scale("quick", subset=10_000, holdout=1_000, batch_size=128, reg_epochs=2,
+                   reg_lr=0.02, ft_epochs=2, ft_lr=0.02, schedule="cosine", weight_decay=5e-4,
+                   baseline_epochs=40, baseline_lr=0.1),
+    "full": Scale("full", subset=None, holdout=5_000, batch_size=64, reg_epochs=160,
+                  reg_lr=0.1, ft_epochs=160, ft_lr=0.1, schedule="step", weight_decay=1e-4,
+                  baseline_epochs=160, baseline_lr=0.1),
+}
+
+
+def get_scale(scale: str | Scale) -> Scale:
+    if isinstance(scale, Scale):
+        return scale
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return SCALES[scale]
+
+
+def baseline_paths(model_name: str) -> list[Path]:
+    """Where a dense CIFAR-10 baseline is looked for: the cache, then the book's committed one."""
+    from .data import cache_dir
+    fname = f"{model_name}_cifar10.pt"
+    return [cache_dir() / "baselines" / fname,
+            Path(__file__).resolve().parents[1] / "book" / "baselines" / fname]
+
+
+def load_baseline(model_name: str, data: Any = None, device: str | torch.device = "cpu",
+                  scale: str | Scale = "quick", quiet: bool = True,
+                  train_if_missing: bool = True) -> tuple[nn.Module, dict]:
+    """The dense baseline for `model_name`: loaded if cached or committed, else trained on
+    `data.train` for `scale.baseline_epochs` and saved to the cache. Returns (model, meta)."""
+    from .models import get_model
+    from .train import fit, load_checkpoint, save_checkpoint
+    model = get_model(model_name)
+    for path in baseline_paths(model_name):
+        if path.exists():
+            meta = load_checkpoint(model, path)
+            return model.to(device), {**meta, "path": str(path)}
+    if not train_if_missing or data is None:
+        raise FileNotFoundError(
+            f"no baseline for {model_name} in {', '.join(map(str, baseline_paths(model_name)))}; "
+            f"train one with `prunelib train --model {model_name} --out <one of these paths>`")
+    sc = get_scale(scale)
+    t0 = time.time()
+    fit(model, data.train, epochs=sc.baseline_epochs, lr=sc.baseline_lr,
+        weight_decay=sc.weight_decay, schedule="cosine", device=device, quiet=quiet)
+    from .train import evaluate
+    meta = {"model": model_name, "epochs": sc.baseline_epochs, "seconds": time.time() - t0,
+            "accuracy": evaluate(model, data.test, device=device)}
+    path = baseline_paths(model_name)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, path, **meta)
+    return model, {**meta, "path": str(path)}
+
+
+def make_method(method: str | Method, **hparams: Any) -> Method:
+    return _methods.get(method, **hparams) if isinstance(method, str) else method
+
+
+def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
+        scale: str | Scale = "quick", device: str | torch.device | None = None,
+        quiet: bool = True, seed: int = 0, example_inputs: torch.Tensor | None = None,
+        measure_latency: bool = True, **overrides: Any) -> tuple[nn.Module, dict]:
+    """Prune a copy of `model` with `method` under `budget`; return (pruned model, result).
+
+    `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01).
+    """
+    from .train import evaluate, fit, seed_everything
+    sc = get_scale(scale)
+    if overrides:
+        sc = Scale(**{**asdict(sc), **overrides})
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seed_everything(seed)
+    m = make_method(method)
+    x = example_inputs if example_inputs is not None else torch.randn(1, 3, 32, 32)
+    x = x.to(device)
+    dense = copy.deepcopy(model).to(device).eval()
+    res: dict[str, Any] = {"method": m.name, "scale": sc.name, "seed": seed,
+                           "target": asdict(budget), "settings": asdict(sc),
+                           "torch": torch.__version__, "device": str(device), "seconds": {}}
+    macs0, params0 = count(dense, x)
+    t = time.time()
+    acc0 = evaluate(dense, data.test, device=device)
+    res["seconds"]["evaluate"] = time.time() - t
+    work = copy.deepcopy(dense)
+    groups = channel_groups(work, x)
+    m.ctx = Context(example_inputs=x, train_loader=data.train,
+                    calib_loader=getattr(data, "calib", None), device=device,
+                    epochs=sc.reg_epochs, lr=sc.reg_lr, weight_decay=sc.weight_decay,
+                    schedule=sc.schedule, quiet=quiet)
+    t = time.time()
+    work = m.attach(work, groups)
+    work = m.regularize(work, m.ctx)
+    res["seconds"]["regularize"] = time.time() - t
+    acc_reg = evaluate(work, data.test, device=device)
+    t = time.time()
+    pruned = m.finish(work, budget)
+    res["seconds"]["remove"] = time.time() - t
+    acc_rm = evaluate(pruned, data.test, device=device)
+    t = time.time()
+    if sc.ft_epochs > 0:
+        fit(pruned, data.train, epochs=sc.ft_epochs, lr=sc.ft_lr,
+            weight_decay=sc.weight_decay, schedule=sc.schedule, device=device, quiet=quiet)
+    res["seconds"]["finetune"] = time.time() - t
+    acc_ft = evaluate(pruned, data.test, device=device)
+    macs1, params1 = count(pruned, x)
+    res["dense"] = {"accuracy": acc0, "macs": macs0, "params": params0}
+    res["pruned"] = {"accuracy": acc_ft, "macs": macs1, "params": params1,
+                     "macs_ratio": macs1 / macs0, "params_ratio": params1 / params0}
+    res["accuracy"] = {"dense": acc0, "regularized": acc_reg, "removed": acc_rm,
+                       "finetuned": acc_ft}
+    res["hparams"] = m.hparams()
+    if measure_latency:
+        res["latency"] = latency_table(dense, pruned, device)
+    return pruned.eval(), res
+
+
+def latency_table(dense: nn.Module, pruned: nn.Module, device: str | torch.device,
+                  batches: tuple[int, ...] = (1, 64), reps: int = 20) -> dict:
+    """Median forward ms of both models at each batch size on `device`."""
+    out: dict[str, Any] = {"device": str(device)}
+    for b in batches:
+        xb = torch.randn(b, 3, 32, 32, device=device)
+        d, p = latency(dense, xb, reps=reps), latency(pruned, xb, reps=reps)
+        out[f"batch{b}"] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p}
+    return out

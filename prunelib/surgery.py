@@ -95,8 +95,7 @@ def _fix_attrs(mod: nn.Module) -> None:
         mod.num_parameters = mod.weight.numel()
 
 
-def save_pruned(model: nn.Module, path: str | Path, dense: nn.Module | None = None,
-                **meta: Any) -> None:
+def save_pruned(model: nn.Module, path: str | Path, /, **meta: Any) -> None:
     """Save a (pruned) model as tensors + shapes + layer attributes; no pickled code."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     attrs = {}

@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def data_root():
+    root = Path(os.environ.get("PRUNELIB_DATA", SHARED_DATA))
+    if not (root / "cifar10_test.npz").exists():
+        pytest.skip("real CIFAR-10 npz not found (set PRUNELIB_DATA)")
+    return root

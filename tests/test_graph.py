@@ -1,0 +1,139 @@
+"""Channel groups: structure on known models, couplings, frozen channels, clear refusals."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import prunelib as pl
+from prunelib.models import get_model
+
+X32 = torch.randn(2, 3, 32, 32)
+
+
+def names(g, role):
+    return {m.module for m in g.by_role(role)}
+
+
+def test_resnet20_has_one_coupled_trunk_group_and_nine_internal():
+    groups = pl.channel_groups(get_model("resnet20").eval(), X32)
+    coupled = [g for g in groups if g.coupled]
+    assert len(groups) == 10 and len(coupled) == 1
+    assert sorted(g.size for g in groups if not g.coupled) == [16] * 3 + [32] * 3 + [64] * 3
+    trunk = coupled[0]
+    # option A zero-pads the stage-1 trunk into the middle of stages 2 and 3: 16 channels
+    # span all stages; the padded positions are pinned (the pad width is a literal).
+    assert trunk.size == 16
+    assert {"conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.2.conv2"} <= names(trunk, "out")
+    pos = {m.module: m.idx[:, 0] for m in trunk.by_role("out")}
+    assert torch.equal(pos["layer2.0.conv2"], torch.arange(8, 24))
+    assert torch.equal(pos["layer3.0.conv2"], torch.arange(24, 40))
+    fc = next(m for m in trunk.by_role("in") if m.kind == "Linear")
+    assert torch.equal(fc.idx[:, 0], torch.arange(24, 40))     # the classifier reads them too
+
+
+def test_option_b_shortcut_gives_one_coupled_group_per_stage():
+    groups = pl.channel_groups(get_model("resnet20", shortcut="B").eval(), X32)
+    assert sorted(g.size for g in groups if g.coupled) == [16, 32, 64]
+
+
+def test_vgg_flatten_maps_each_channel_to_its_features():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 2 * 2, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 2), 1))
+
+    (g,) = pl.channel_groups(Tiny(), X32)
+    fc = next(m for m in g.by_role("in") if m.module == "fc")
+    assert fc.idx.shape == (4, 4) and torch.equal(fc.idx[1], torch.arange(4, 8))
+
+
+def test_depthwise_conv_follows_its_input_channels():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
+                      nn.Conv2d(8, 2, 1))
+    (g,) = pl.channel_groups(m, X32)
+    assert g.size == 8 and names(g, "out") == {"0", "2"} and g.sources == ["0"]
+
+
+def test_grouped_conv_couples_positions_across_groups():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 2, 1))
+    groups = pl.channel_groups(m, X32)
+    first = next(g for g in groups if "0" in g.sources)
+    assert first.size == 4 and first.by_role("out")[0].idx.shape == (4, 2)
+
+
+def test_channel_shuffle_couples_the_shuffled_pairs():
+    groups = pl.channel_groups(torchvision.models.shufflenet_v2_x0_5().eval(),
+                               torch.randn(1, 3, 64, 64))
+    for g in groups:                          # every group stays even-sized through a shuffle
+        for m in g.by_role("out"):
+            assert m.idx.numel() == g.size * m.idx.shape[1]
+
+
+def test_layernorm_over_channels_freezes_them():
+    groups = pl.channel_groups(torchvision.models.convnext_tiny().eval(),
+                               torch.randn(1, 3, 64, 64))
+    assert groups and all(not g.coupled for g in groups)
+    assert all(m.module.endswith("block.3") for g in groups for m in g.by_role("out"))
+
+
+def test_literal_channel_slice_freezes_the_sliced_channels():
+    class Slice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, :4])
+
+    assert pl.channel_groups(Slice(), X32) == []
+
+
+def test_sigmoid_before_a_consumer_freezes_but_gating_multiply_does_not():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.g, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y * torch.sigmoid(self.g(y)))      # SE-style gate: still exact
+
+    (g,) = [g for g in pl.channel_groups(Gate(), X32) if g.coupled]
+    assert names(g, "out") == {"a", "g"}
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.a(x)))          # sigmoid(0) = 0.5 reaches b
+
+    assert pl.channel_groups(Bad(), X32) == []
+
+
+def test_unknown_op_is_refused_with_the_node_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return torch.cummax(self.a(x), 1).values
+
+    with pytest.raises(pl.UnsupportedOpError, match="cummax"):
+        pl.channel_groups(Odd(), X32)
+
+
+def test_zero_sets_producers_only(device):
+    model = get_model("resnet20").to(device).eval()
+    g = pl.channel_groups(model, X32.to(device))[1]
+    g.zero_([0, 3])
+    assert model.layer1[0].conv1.weight[[0, 3]].abs().sum() == 0
+    assert model.layer1[0].bn1.weight[[0, 3]].abs().sum() == 0
+    assert model.layer1[0].bn1.weight[1] != 0
+    assert model.layer1[0].conv2.weight[:, [0, 3]].abs().sum() > 0       # consumers kept

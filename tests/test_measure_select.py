@@ -1,0 +1,78 @@
+"""MAC counting against torch's FlopCounterMode; budgets against brute-force counts."""
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import prunelib as pl
+from prunelib.models import get_model
+from prunelib.select import Budget, select_keep
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "mobilenetv2"])
+def test_macs_are_half_the_flops_of_torch_flop_counter(name):
+    model = get_model(name).eval()
+    x = torch.randn(3, 3, 32, 32)
+    macs, params = pl.count(model, x)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    assert fc.get_total_flops() == 2 * macs * 3          # count() is per sample
+    assert params == sum(p.numel() for p in model.parameters())
+
+
+def test_resnet56_matches_the_papers_size():
+    macs, params = pl.count(get_model("resnet56"), torch.randn(1, 3, 32, 32))
+    assert abs(params / 0.85e6 - 1) < 0.03 and abs(macs / 125e6 - 1) < 0.03
+
+
+def test_torchvision_resnet50_macs():
+    macs, _ = pl.count(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224))
+    assert abs(macs / 4.11e9 - 1) < 0.01
+
+
+def _setup(name="resnet20"):
+    model = get_model(name).eval()
+    x = torch.randn(1, 3, 32, 32)
+    groups = pl.channel_groups(model, x)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.index: torch.rand(g.size, generator=gen) for g in groups if not g.coupled}
+    return model, x, groups, scores
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_macs_budget_is_met_and_predicted_exactly(target):
+    model, x, groups, scores = _setup()
+    keep = select_keep(model, groups, scores, Budget(macs=target), x, min_keep=0.1)
+    small = pl.remove_channels(model, groups, keep)
+    macs0, _ = pl.count(model, x)
+    macs1, _ = pl.count(small, x)
+    assert macs1 <= target * macs0
+    assert macs1 > target * macs0 - 0.01 * macs0          # stops as soon as it is met
+
+
+def test_min_keep_guard_and_unreachable_budget():
+    model, x, groups, scores = _setup()
+    keep = select_keep(model, groups, scores, Budget(percent=0.95), x, min_keep=0.25)
+    assert all(len(keep[i]) >= -(-groups[i].size // 4) for i in keep)
+    with pytest.raises(ValueError, match="cannot be met"):
+        select_keep(model, groups, scores, Budget(macs=0.05), x, min_keep=0.5)
+
+
+def test_threshold_and_percent_keep_the_highest_scores():
+    model, x, groups, scores = _setup()
+    keep = select_keep(model, groups, scores, Budget(threshold=0.5), x)
+    for i, k in keep.items():
+        expect = torch.nonzero(scores[i] > 0.5).flatten()
+        assert torch.equal(k, expect) or (len(expect) == 0 and len(k) == 1)
+    flat = torch.cat(list(scores.values()))
+    keep = select_keep(model, groups, scores, Budget(percent=0.5), x)
+    assert abs(sum(len(k) for k in keep.values()) - flat.numel() // 2) <= len(scores)
+
+
+def test_budget_needs_exactly_one_rule():
+    with pytest.raises(ValueError):
+        Budget()
+    with pytest.raises(ValueError):
+        Budget(macs=0.5, percent=0.5)
+    with pytest.raises(ValueError):
+        Budget(macs=1.5)

@@ -1,0 +1,159 @@
+"""OTO (Only Train Once): zero-invariant groups trained by the Half-Space Projected Gradient.
+
+Chen, Ji, Ding, Fang, Wang, Zhu, Liang, Shi, Yi, Tu, "Only Train Once: A One-Shot Neural Network
+Training and Pruning Framework", NeurIPS 2021 (arXiv:2107.07467); official v1 code
+tianyic/only_train_once (optimizer/hspg.py, backend/resnet_cifar.py, train/configs/).
+
+Groups      zero-invariant groups (ZIGs): channel k of a ChannelGroup = every producer parameter
+            of the channel, i.e. conv/linear rows and biases ('out') and BN gamma and beta
+            ('affine'). If a ZIG is zero the channel's output is exactly zero, whatever the input,
+            so removing it leaves the network function unchanged: no fine-tuning is needed.
+Problem     min_x  f(x) + lam * sum_g ||x_g||_2
+HSPG        stage 1 (the first n_p of the phase): subgradient steps on psi = f + lam sum ||x_g||,
+            grad(x_g) += lam x_g / ||x_g|| for non-zero groups (hspg.py sgd_step).
+            stage 2 (half-space step): trial point x^ = x - alpha grad(psi) (the optimizer's
+            step); every non-zero group with <x^_g, x_g> < eps ||x_g||^2 is projected to 0, and
+            groups that were already zero stay zero (hspg.py half_space_step, "fixed non_free
+            variables"). Here `after_backward` adds the subgradient and saves x, the optimizer
+            step makes x^ on the very same tensors, and `after_step` projects. The ZIG tensors get
+            their own optimizer group with weight decay 0 (HSPG has none) and momentum
+            `momentum` (0 in the official configs); gradients of zero groups are set to 0 and
+            zero groups are re-zeroed after every step, so neither momentum nor weight decay can
+            revive them.
+Decision    remove exactly the zero groups: `finish(model)` (= Budget(threshold=0) on the group
+            norm; exact, see tests). `finish(model, Budget(macs=r))` removes the zero groups and
+            then the smallest-norm ones until the target is met (no longer exact).
+Residual    'coupled' (default): v1's ResNet-50 ZIGs join the trunk producers of a stage (the
+            last conv + BN of each block and the shortcut conv + BN, `create_zig_params`,
+            `get_group`), i.e. prunelib's coupled groups; 'internal' keeps the trunk whole.
+Defaults    [v1 configs, ResNet-50 CIFAR-10 and ImageNet] lam = 1e-3; eps = 0 for conv groups;
+            momentum 0; n_p = 75 of 300 epochs (CIFAR) / 30 of 120 (ImageNet): n_p = 0.25 of
+            the regularization phase here. Not implemented: the random `upper_group_sparsity`
+            cap (1.0 = off in every config) and the optional lambda decay (`decays_lambda`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGroup
+from ..select import Budget
+from .base import Context, Method, register
+from .ssl import _grad, lasso_step, slices_of
+
+
+@register("oto")
+class OTO(Method):
+    """OTO / HSPG: group-lasso subgradient on zero-invariant groups, then half-space
+    projection to exact zeros; zero groups are removed with no change of the output."""
+    residual = "coupled"
+
+    def __init__(self, lam: float = 1e-3, eps: float = 0.0, n_p: float = 0.25,
+                 momentum: float = 0.0, log_every: int = 10, **kw) -> None:
+        super().__init__(**kw)
+        if not (isinstance(lam, (int, float)) and lam >= 0):
+            raise ValueError(f"OTO: lam must be a number >= 0, got {lam!r}")
+        if not 0 <= eps < 1:
+            raise ValueError(f"OTO: eps must be in [0, 1), got {eps!r}")
+        if not 0 <= n_p <= 1:
+            raise ValueError(f"OTO: n_p is the fraction of the phase spent in the subgradient "
+                             f"stage, in [0, 1]; got {n_p!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"OTO: momentum must be in [0, 1), got {momentum!r}")
+        self.lam, self.eps, self.n_p = float(lam), float(eps), float(n_p)
+        self.momentum, self.log_every = float(momentum), int(log_every)
+        self.total_steps: int | None = None    # set by `regularize` (or by hand)
+        self.step = 0
+        self.log: list[tuple[int, torch.Tensor]] = []
+
+    def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
+        model = super().attach(model, groups)
+        self._zigs = {g.index: slices_of(model, g, ("out", "affine")) for g in self.groups}
+        self._params = list({id(s.param): s.param for ss in self._zigs.values()
+                             for s in ss}.values())
+        self._saved: dict[int, list[torch.Tensor]] = {}
+        self._zero: dict[int, torch.Tensor] = {}
+        self.step, self.log = 0, []
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        mine = {id(p) for p in self._params}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+        zig = [p for p in self._params if p.requires_grad]
+        groups = [{"params": zig, "lr": lr, "weight_decay": 0.0, "momentum": self.momentum,
+                   "nesterov": False, "dampening": 0.0}]
+        if rest:
+            groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if ctx.train_loader is not None:
+            self.total_steps = math.ceil(ctx.epochs * len(ctx.train_loader))
+        return super().regularize(model, ctx)
+
+    # -- HSPG --------------------------------------------------------------------------------
+    @property
+    def half_space(self) -> bool:
+        """True once the subgradient stage (the first n_p of the phase) is over."""
+        if self.n_p == 0:
+            return True
+        if self.total_steps is None:
+            raise RuntimeError("OTO needs the length of the phase to switch stages: run it "
+                               "through regularize() or set `total_steps` (or n_p=0)")
+        return self.step >= math.ceil(self.n_p * self.total_steps)
+
+    def after_backward(self, model: nn.Module) -> None:
+        half = self.half_space
+        with torch.no_grad():
+            for i, ss in self._zigs.items():
+                rows = [s.rows() for s in ss]
+                norm = torch.sqrt(sum(r.pow(2).sum(1) for r in rows))
+                zero = norm == 0
+                self._zero[i] = zero
+                for s, r in zip(ss, rows):
+                    g = _grad(s.param)
+                    s.add_(g, lasso_step(r, norm, self.lam))
+                    s.zero_(g, zero)                        # fixed (zero) groups get no step
+                if half:
+                    self._saved[i] = rows                   # x, for the half-space test
+
+    def after_step(self, model: nn.Module) -> None:
+        half = self.half_space
+        with torch.no_grad():
+            for i, ss in self._zigs.items():
+                zero = self._zero[i]
+                if half:
+                    x = self._saved[i]
+                    new = [s.rows() for s in ss]            # the trial point x^ = x - a grad
+                    dot = sum((a * b).sum(1) for a, b in zip(new, x))
+                    sq = sum(b.pow(2).sum(1) for b in x)
+                    zero = zero | (dot < self.eps * sq)
+                for s in ss:
+                    s.zero_(s.param.data, zero)
+            self._saved.clear()
+            self.step += 1
+            if self.log_every and self.step % self.log_every == 0:
+                self.log.append((self.step, self._count_zero()))
+
+    def _count_zero(self) -> torch.Tensor:
+        return sum(z.sum() for z in self._zero_masks().values())
+
+    def _zero_masks(self) -> dict[int, torch.Tensor]:
+        return {i: sum(s.rows().pow(2).sum(1) for s in ss) == 0 for i, ss in self._zigs.items()}
+
+    def sparsity_history(self) -> list[tuple[int, float]]:
+        """(step, fraction of zero groups) every `log_every` steps of the last phase."""
+        n = sum(g.size for g in self.groups)
+        return [(s, float(c) / max(n, 1)) for s, c in self.log]
+
+    # -- decision ----------------------------------------------------------------------------
+    def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """L2 norm of each zero-invariant group (exactly 0 for a removable channel)."""
+        return {i: torch.sqrt(sum(s.rows().float().pow(2).sum(1) for s in ss))
+                for i, ss in self._zigs.items()}
+
+    def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
+        """Remove the zero groups (budget None: exact) or follow `budget` by group norm."""
+        return super().finish(model, Budget(threshold=0.0) if budget is None else budget)

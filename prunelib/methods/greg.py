@@ -1,0 +1,217 @@
+"""GREG: neural pruning via growing regularization (GReg-1 and GReg-2).
+
+Wang, Qin, Zhang, Fu, "Neural Pruning via Growing Regularization", ICLR 2021
+(arXiv:2012.09243); official code MingSun-Tse/Regularization-Pruning (pruner/reg_pruner.py,
+option.py; GReg-1 = 'IncReg', GReg-2 = 'AdaReg' in the code).
+
+Penalty     a per-filter L2 term with its own, growing coefficient, applied to the gradient and
+            not part of the loss (`_apply_reg`): after backward, grad(W_j) += lam_j * W_j for the
+            filter rows W_j of the pruned layers' convs (BN and biases are not penalized); the
+            optimizer's own weight decay still acts on every weight.
+GReg-1      1. fix the pruned set up front: in every prunable layer, the ratio r of its filters
+               with the smallest L1 magnitude (mean |w| of the filter), at most size - 1;
+            2. every K_u iterations: lam_j += delta for the pruned filters only (kept ones stay
+               at 0), until lam > tau or until the kept / pruned magnitude ratio (EMA 0.9 of the
+               ratio of means) reaches mag_ratio_limit in every layer;
+            3. then hold lam (stabilize) for the rest of the phase, remove, fine-tune.
+GReg-2      grow lam for all filters uniformly (+delta_pick every K_u iterations) up to tau_pick;
+            filters in flat directions of the loss shrink faster, so magnitudes separate; then
+            pick the pruned filters by magnitude with the layer-wise ratios and continue as
+            GReg-1 for them, while the kept filters get the slightly negative lam_recover.
+Decision    the paper's rule, `finish(model)`: remove exactly the chosen pruned set (preset
+            layer-wise ratios). `finish(model, budget)` ranks all filters globally by mean |w|
+            (the pruned ones have been driven towards 0, so they go first) for any Budget.
+Ratios      `pr`: one float (uniform), or {layer-name prefix: ratio} (the longest matching
+            prefix of a group's producing layer wins, e.g. {'layer1': .75, 'layer2': .75,
+            'layer3': .32} as the official stage_pr), or None: a uniform ratio computed at attach
+            so that the preset pruned set meets `macs` (fraction of dense MACs kept, default 0.5,
+            the book's common target; the pipeline passes the budget to `finish` only).
+Residual    'internal' (default): filter pruning never touches the last conv of a block or the
+            shortcuts (official `_get_layer_pr_resnet`: ratios per stage, blocks' inner convs).
+Defaults    [option.py + README] delta = 1e-4 (reg_granularity_prune), tau = 1
+            (reg_upper_limit), K_u = 10 (README commands; option.py default 5),
+            mag_ratio_limit = 1000, delta_pick = 1e-5, tau_pick = 1e-2, lam_recover = -1e-4.
+            K_s (stabilize_reg_interval) is the rest of the regularization phase here, and the
+            phase's optimizer is the pipeline's (official: lr_prune 1e-3, momentum 0.9).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGroup
+from ..measure import count
+from ..select import Budget
+from ..surgery import remove_channels
+from .base import Method, register
+from .ssl import _grad, slices_of
+
+
+def n_pruned(size: int, ratio: float) -> int:
+    """Filters pruned in a layer of `size` at `ratio` (official: ceil, never all of them)."""
+    return 0 if ratio <= 0 else min(math.ceil(ratio * size), size - 1)
+
+
+@register("greg")
+class GReg(Method):
+    """Growing regularization: grad(W_j) += lam_j W_j, lam_j += delta every K_u steps on the
+    preset pruned filters (GReg-1) or after a uniform growth and a pick (GReg-2)."""
+    residual = "internal"
+
+    def __init__(self, variant: str = "greg1", pr: float | Mapping[str, float] | None = None,
+                 macs: float | None = 0.5, delta: float = 1e-4, tau: float = 1.0,
+                 k_u: int = 10, mag_ratio_limit: float = 1000.0, delta_pick: float = 1e-5,
+                 tau_pick: float = 1e-2, lam_recover: float = -1e-4, **kw) -> None:
+        super().__init__(**kw)
+        if variant not in ("greg1", "greg2"):
+            raise ValueError(f"GREG: variant must be 'greg1' or 'greg2', got {variant!r}")
+        if isinstance(pr, (int, float)) and not 0 <= pr < 1:
+            raise ValueError(f"GREG: pr must be in [0, 1), got {pr!r}")
+        if isinstance(pr, Mapping) and not all(0 <= v < 1 for v in pr.values()):
+            raise ValueError(f"GREG: every ratio in pr must be in [0, 1), got {dict(pr)}")
+        if pr is None and (macs is None or not 0 < macs <= 1):
+            raise ValueError("GREG: give layer-wise ratios `pr` or a MACs target 0 < macs <= 1")
+        if not (delta > 0 and tau > 0 and k_u >= 1 and delta_pick > 0 and tau_pick > 0):
+            raise ValueError("GREG: delta, tau, delta_pick, tau_pick must be > 0 and k_u >= 1")
+        self.variant, self.pr, self.macs = variant, pr, macs
+        self.delta, self.tau, self.k_u = float(delta), float(tau), int(k_u)
+        self.mag_ratio_limit, self.delta_pick = float(mag_ratio_limit), float(delta_pick)
+        self.tau_pick, self.lam_recover = float(tau_pick), float(lam_recover)
+        self.step = 0
+        self.log: list[tuple[int, dict[int, torch.Tensor]]] = []
+
+    # -- setup -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
+        model = super().attach(model, groups)
+        self._filters = {}
+        for g in self.groups:
+            ss = [s for s in slices_of(model, g, ("out",), ("weight",))
+                  if s.member.module in g.sources]
+            if not ss:
+                raise ValueError(f"GREG: group {g.index} has no producing weight to regularize")
+            self._filters[g.index] = ss
+        self.ratios = self._ratios(model)
+        dev = next(iter(self._filters.values()))[0].param.device if self._filters else "cpu"
+        self.lam = {g.index: torch.zeros(g.size, device=dev) for g in self.groups}
+        self.hist = {g.index: None for g in self.groups}
+        self.done = {g.index: self.ratios[g.index] == 0 for g in self.groups}
+        self.pruned: dict[int, torch.Tensor] | None = None
+        if self.variant == "greg1":
+            self.pruned = self.pick(model)
+        self.step, self.log = 0, []
+        return model
+
+    def _ratio_of(self, g: ChannelGroup) -> float:
+        if isinstance(self.pr, (int, float)):
+            return float(self.pr)
+        best, ratio = -1, 0.0
+        for key, r in self.pr.items():
+            if any(src == key or src.startswith(key + ".") or key == "" for src in g.sources):
+                if len(key) > best:
+                    best, ratio = len(key), float(r)
+        return ratio
+
+    def _ratios(self, model: nn.Module) -> dict[int, float]:
+        if self.pr is not None:
+            return {g.index: self._ratio_of(g) for g in self.groups}
+        r = uniform_ratio(model, self.all_groups, self.groups, self.macs,
+                          self.ctx.example_inputs if self.ctx is not None else None)
+        return {g.index: r for g in self.groups}
+
+    def magnitude(self, model: nn.Module | None = None) -> dict[int, torch.Tensor]:
+        """Mean |w| of every filter (the official L1 score), summed over a group's producers."""
+        return {i: sum(s.rows().abs().mean(1) for s in ss) for i, ss in self._filters.items()}
+
+    def pick(self, model: nn.Module | None = None) -> dict[int, torch.Tensor]:
+        """The pruned set: per group, the ratio of its filters with the smallest magnitude."""
+        mags = self.magnitude(model)
+        out = {}
+        for g in self.groups:
+            k = n_pruned(g.size, self.ratios[g.index])
+            mask = torch.zeros(g.size, dtype=torch.bool, device=mags[g.index].device)
+            mask[torch.argsort(mags[g.index])[:k]] = True
+            out[g.index] = mask
+        return out
+
+    # -- growing regularization --------------------------------------------------------------
+    def after_backward(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            if self.step % self.k_u == 0:
+                self._update()
+            for i, ss in self._filters.items():
+                lam = self.lam[i]
+                for s in ss:
+                    s.add_(_grad(s.param), s.rows() * lam.unsqueeze(1))
+
+    def after_step(self, model: nn.Module) -> None:
+        self.step += 1
+
+    def _update(self) -> None:
+        mags = self.magnitude()
+        if self.pruned is None:                                # GReg-2, picking stage
+            for i in self.lam:
+                if self.ratios[i] > 0:
+                    self.lam[i] += self.delta_pick
+            if all(float(self.lam[i].max()) >= self.tau_pick
+                   for i in self.lam if self.ratios[i] > 0):
+                self.pruned = self.pick()
+            self.log.append((self.step, {i: m.clone() for i, m in mags.items()}))
+            return
+        for i, mask in self.pruned.items():
+            if self.done[i] or not mask.any():
+                continue
+            ratio = mags[i][~mask].mean() / mags[i][mask].mean().clamp_min(1e-30)
+            h = self.hist[i]
+            self.hist[i] = ratio if h is None else 0.9 * h + 0.1 * ratio
+            self.lam[i] += self.delta * mask
+            if self.variant == "greg2":
+                self.lam[i][~mask] = self.lam_recover
+        # GReg-1 stops when every layer is separated enough, GReg-2 layer by layer (official)
+        every = all(h is None or float(h) >= self.mag_ratio_limit for h in self.hist.values())
+        for i in self.pruned:
+            sep = every if self.variant == "greg1" else (
+                self.hist[i] is not None and float(self.hist[i]) >= self.mag_ratio_limit)
+            if not self.done[i] and (sep or float(self.lam[i].max()) > self.tau):
+                self.done[i] = True
+        self.log.append((self.step, {i: m.clone() for i, m in mags.items()}))
+
+    # -- decision ----------------------------------------------------------------------------
+    def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        return self.magnitude(model)
+
+    def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
+        """Remove the preset pruned set (`budget` None) or follow `budget` by magnitude."""
+        if budget is not None:
+            return super().finish(model, budget)
+        pruned = self.pruned if self.pruned is not None else self.pick(model)
+        keep = {i: torch.nonzero(~m).flatten().cpu() for i, m in pruned.items()}
+        return remove_channels(model, self.all_groups, keep)
+
+
+def uniform_ratio(model: nn.Module, all_groups: list[ChannelGroup],
+                  groups: list[ChannelGroup], macs: float, example_inputs: torch.Tensor | None,
+                  tol: float = 1e-3) -> float:
+    """Smallest uniform layer-wise ratio (to `tol`) whose pruned model keeps <= macs of dense."""
+    if example_inputs is None:
+        raise ValueError("GREG: a MACs target needs example inputs: run through the pipeline "
+                         "(method.ctx) or give layer-wise ratios `pr`")
+    dense = count(model, example_inputs)[0]
+
+    def kept(r: float) -> float:
+        keep = {g.index: torch.arange(g.size - n_pruned(g.size, r)) for g in groups}
+        return count(remove_channels(model, all_groups, keep), example_inputs)[0] / dense
+
+    least = kept(1 - 1e-9)
+    if least > macs:
+        raise ValueError(f"GREG: a MACs target of {macs} cannot be met by layer-wise ratios on "
+                         f"the prunable groups (at best {least:.3f} of the MACs remain); "
+                         f"use residual='coupled' or a larger target")
+    lo, hi = 0.0, 1 - 1e-9
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if kept(mid) <= macs else (mid, hi)
+    return hi
+

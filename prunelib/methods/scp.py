@@ -1,0 +1,151 @@
+"""SCP: operation-aware soft channel pruning with differentiable masks (BN + ReLU together).
+
+Kang & Han, "Operation-Aware Soft Channel Pruning using Differentiable Masks", ICML 2020
+(arXiv:2007.03938). There is no official code; everything below is derived from the paper's
+model, and every choice the paper leaves open is stated here.
+
+Model       a BN output channel y_c = gamma_c * x_hat + beta_c with x_hat ~ N(0, 1) is
+            N(beta_c, gamma_c^2); the following ReLU switches it off (output <= eps) with
+            probability  P_off,c = Phi((eps - beta_c) / |gamma_c|) = Phi(-z_c),
+            z_c = (beta_c - eps) / |gamma_c|  (the "on" margin, in standard deviations).
+Mask        training: a relaxed-Bernoulli (binary Concrete / Gumbel-sigmoid) sample with keep
+            probability 1 - P_off,   m = sigmoid((logit(1 - P_off) + log u - log(1 - u)) / T),
+            u ~ U(0, 1), drawn per sample and channel, multiplies the BN output (m >= 0 commutes
+            with the ReLU). logit(1 - P_off) = log Phi(z) - log Phi(-z) (stable). Gradients reach
+            gamma and beta through the BN output and through P_off.
+            eval: the hard mask m = 1[P_off < tau] (tau = 0.5: m = 1[z > 0]).
+Loss        L = CE + lam * sum_c (1 - P_off,c): the expected number of active channels over the
+            prunable groups.
+Decision    'off' (paper): remove the channels with P_off >= tau. They are exactly the channels the
+            eval-mode mask zeroes, so removal does not change the eval output of the masked
+            network. 'budget': rank channels by z (monotone in 1 - P_off, no saturation) under a
+            Budget; kept channels whose eval mask is 0 are zeroed (gamma = beta = 0) so the
+            finished model equals the masked network minus the removed channels.
+Choices     eps = 0 (a channel is off when ReLU outputs 0), T = 0.5, tau = 0.5, lam = 1e-3; masks
+            only on the BN nearest the consumers of an internal group, which must feed a ReLU
+            (checked); the paper trains jointly without fine-tuning (the pipeline still fine-tunes;
+            chapter 2 reports the accuracy before and after).
+Residual    'internal' (a residual sum is not a BN + ReLU pair).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.special import log_ndtr, ndtr
+
+from ..graph import ChannelGroup
+from ..select import Budget, select_keep
+from ..surgery import remove_channels
+from .base import Method, register
+from .rsnli import bn_channels, decisive_bn, relu_after_bn
+
+
+@register("scp")
+class SoftChannelPruning(Method):
+    """Relaxed-Bernoulli masks with keep probability Phi((beta - eps)/|gamma|) on BN+ReLU
+    channels, lam * expected active channels, remove channels likely off (module docstring)."""
+    residual = "internal"
+
+    def __init__(self, lam: float = 1e-3, eps: float = 0.0, temperature: float = 0.5,
+                 tau: float = 0.5, decision: str = "budget", **kw: Any) -> None:
+        super().__init__(**kw)
+        if decision not in ("budget", "off"):
+            raise ValueError("decision must be 'budget' or 'off'")
+        if not 0 < tau < 1 or temperature <= 0 or lam < 0:
+            raise ValueError("need 0 < tau < 1, temperature > 0 and lam >= 0")
+        self.lam, self.eps, self.temperature, self.tau = lam, eps, temperature, tau
+        self.decision = decision
+        self._handles: dict[str, Any] = {}
+
+    # -- probabilities -------------------------------------------------------------------------
+    def margin(self, bn: nn.Module) -> torch.Tensor:
+        """z = (beta - eps) / |gamma| of every channel of `bn` (differentiable)."""
+        return (bn.bias - self.eps) / bn.weight.abs().clamp_min(1e-12)
+
+    def off_probability(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """P_off = Phi(-z) of the channels of every prunable group (detached, on CPU)."""
+        out = {}
+        for g in self.groups:
+            bn, pos = bn_channels(model, g)
+            out[g.index] = ndtr(-self.margin(bn).detach())[pos.to(bn.weight.device)].cpu()
+        return out
+
+    def _z_cut(self) -> float:
+        """z below which P_off >= tau."""
+        return float(-torch.special.ndtri(torch.tensor(self.tau, dtype=torch.float64)))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
+        model = super().attach(model, groups)
+        relu = relu_after_bn(model)
+        self.groups = [g for g in self.groups
+                       if decisive_bn(g) is not None and decisive_bn(g).module in relu]
+        if not self.groups:
+            raise ValueError("SCP needs prunable channels that go through BatchNorm -> ReLU; "
+                             "none found")
+        self._pos: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            bn, pos = bn_channels(model, g)
+            name = decisive_bn(g).module
+            mask = self._pos.setdefault(name, torch.zeros(bn.weight.shape[0], dtype=torch.bool))
+            mask[pos] = True
+        for name, mask in self._pos.items():
+            bn = model.get_submodule(name)
+            bn.register_buffer("scp_prunable", mask.to(bn.weight.device), persistent=False)
+            self._handles[name] = bn.register_forward_hook(self._hook)
+        self._bns = [model.get_submodule(n) for n in self._pos]
+        return model
+
+    def _hook(self, bn: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        z = self.margin(bn)
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        if bn.training:
+            logit = (log_ndtr(z) - log_ndtr(-z)).view(shape)
+            u = torch.rand((out.shape[0],) + logit.shape[1:], device=out.device,
+                           dtype=out.dtype).clamp_(1e-6, 1 - 1e-6)
+            m = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        else:
+            m = (z > self._z_cut()).to(out.dtype).view(shape)
+        m = torch.where(bn.scp_prunable.view(shape), m, torch.ones_like(m))
+        return out * m
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor:
+        return self.lam * sum(ndtr(self.margin(bn))[bn.scp_prunable].sum() for bn in self._bns)
+
+    def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        out = {}
+        for g in self.groups:
+            bn, pos = bn_channels(model, g)
+            out[g.index] = self.margin(bn).detach()[pos.to(bn.weight.device)].cpu()
+        return out
+
+    def detach(self, model: nn.Module) -> nn.Module:
+        """Remove the masks' hooks and buffers from `model` (in place)."""
+        for name in self._pos:
+            bn = model.get_submodule(name)
+            hook_id = self._handles[name].id
+            bn._forward_hooks.pop(hook_id, None)
+            bn._buffers.pop("scp_prunable", None)
+        return model
+
+    def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
+        scores = self.scores(model)
+        cut = self._z_cut()
+        if budget is None or self.decision == "off":
+            budget, floor = Budget(threshold=cut), 0.0
+        else:
+            floor = self.min_keep
+        ex = self.ctx.example_inputs if self.ctx is not None else None
+        keep = select_keep(model, self.all_groups, scores, budget, example_inputs=ex,
+                           min_keep=floor, min_channels=self.min_channels)
+        plain = self.detach(copy.deepcopy(model))
+        with torch.no_grad():                       # kept channels the eval mask switches off
+            for g in self.groups:
+                bn, pos = bn_channels(plain, g)
+                off = pos[scores[g.index] <= cut].to(bn.weight.device)
+                bn.weight[off] = 0.0
+                bn.bias[off] = 0.0
+        return remove_channels(plain, self.all_groups, keep)

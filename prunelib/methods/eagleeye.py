@@ -1,0 +1,227 @@
+"""EagleEye: random layer-wise pruning strategies scored after adaptive BatchNorm.
+
+Li, Wu, Su, Wang, Lin, "EagleEye: Fast Sub-net Evaluation for Efficient Neural Network
+Pruning", ECCV 2020 (arXiv:2007.02491); official code anonymous47823493/EagleEye (search.py).
+
+Not a regularizer: the survey files it under BN-based methods for its adaptive BN.
+Strategy    per prunable layer (group) a prune ratio r_l = min_rate + U(0, 1) * max_rate (the
+            official `get_pruning_strategy`: the upper bound is min_rate + max_rate); inside a
+            layer the filters with the smallest L1 norm go (distiller's
+            L1RankedStructureParameterPruner), int(r_l * size) of them. A strategy is kept only
+            if its MACs ratio is within target +- window (official 0.005), predicted exactly from
+            the factored layer costs (no model is built to reject a strategy).
+Adaptive BN put the pruned net in train mode and run `abn_batches` training batches without
+            gradients; running statistics are NOT reset (official: the BN momentum update alone;
+            search.py stops after 52 batches, the paper speaks of ~100 iterations: default 100).
+Score       top-1 accuracy on held-out training images (ctx.calib_loader; the official
+            imagenet_train_val_split). The best of `n_candidates` strategies is removed and
+            returned with its adapted BN statistics; the pipeline then fine-tunes it.
+Rates       the official configs hand-set max_rate per target (0.4 / 0.7 / 0.8 for 25 / 50 / 75 %
+            FLOPs reduction of ResNet-50). max_rate=None chooses min_rate and max_rate so the mean
+            rate equals the uniform rate that meets the target, with min_rate + max_rate <=
+            1 - min_keep.
+Evaluation  candidates are evaluated in place: the channels of a strategy are zeroed on the
+            working model (exact: zeroed producers give zero outputs, also in train-mode BN),
+            adaptive BN runs, the score is taken, and the saved state is loaded back; no model
+            copy per candidate.
+Residual    'internal' (the official ResNet-50 config keeps conv3 and the downsample intact).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGroup
+from ..measure import layer_macs
+from ..select import Budget, min_keep_count
+from ..surgery import remove_channels
+from ..train import evaluate
+from .base import Context, Method, register
+
+
+class MacModel:
+    """MACs after removing n_g channels of every group g, vectorized over many strategies.
+
+    Uses the factored per-layer cost a * d0 * d1 of `measure.layer_macs`: removing a channel
+    of a group lowers d0 (output rows) or d1 (input slices) of every layer it touches.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], example_inputs: Any):
+        layers = layer_macs(model, example_inputs)
+        names = list(layers)
+        col = {n: i for i, n in enumerate(names)}
+        self.a = torch.tensor([float(layers[n][1]) for n in names], dtype=torch.float64)
+        self.d = torch.tensor([[layers[n][2], layers[n][3]] for n in names],
+                              dtype=torch.float64).reshape(-1)
+        self.dense = float(sum(layers[n][0] for n in names))
+        inc = torch.zeros(len(groups), len(names), 2, dtype=torch.float64)
+        for g in groups:
+            for m in g.members:
+                if m.param == "weight" and m.module in col and m.dim in (0, 1):
+                    inc[g.index, col[m.module], m.dim] += m.idx.shape[1]
+        self.inc = inc.reshape(len(groups), -1)
+
+    def macs(self, removed: torch.Tensor) -> torch.Tensor:
+        """MACs for `removed` (..., n_groups) channels removed per group."""
+        d = self.d - removed.to(torch.float64) @ self.inc
+        d = d.reshape(*d.shape[:-1], -1, 2)
+        return (self.a * d[..., 0] * d[..., 1]).sum(-1)
+
+    def ratio(self, removed: torch.Tensor) -> torch.Tensor:
+        return self.macs(removed) / self.dense
+
+
+@torch.no_grad()
+def adaptive_bn(model: nn.Module, batches: Iterable, n: int,
+                device: torch.device | str | None = None) -> nn.Module:
+    """Recalibrate BN running statistics: `n` train-mode forward passes, no gradients, no reset.
+
+    Only BN buffers (running_mean / running_var / num_batches_tracked) change.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was = model.training
+    model.train()
+    try:
+        for i, (x, _) in enumerate(batches):
+            if i >= n:
+                break
+            model(x.to(dev))
+    finally:
+        model.train(was)
+    return model
+
+
+@register("eagleeye")
+class EagleEye(Method):
+    """Random L1 layer-wise strategies within the MACs window, adaptive-BN accuracy on held-out
+    training data, best one kept (module docstring: procedure and defaults)."""
+    residual = "internal"
+
+    def __init__(self, n_candidates: int = 100, abn_batches: int = 100, window: float = 0.005,
+                 max_rate: float | None = None, min_rate: float = 0.0,
+                 target_macs: float | None = None, seed: int = 0, **kw: Any) -> None:
+        super().__init__(**kw)
+        if n_candidates < 1 or abn_batches < 0 or window <= 0:
+            raise ValueError("need n_candidates >= 1, abn_batches >= 0 and window > 0")
+        if max_rate is not None and not 0 < max_rate + min_rate < 1:
+            raise ValueError("need 0 < min_rate + max_rate < 1")
+        self.n_candidates, self.abn_batches, self.window = n_candidates, abn_batches, window
+        self.max_rate, self.min_rate, self.target_macs, self.seed = (max_rate, min_rate,
+                                                                     target_macs, seed)
+        self.candidates: list[dict] = []
+
+    def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
+        return model                                     # no sparse training: a search
+
+    def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """L1 norm of each filter (sum over the producing layers of the group)."""
+        out = {}
+        for g in self.groups:
+            rows = [r for r, m in zip(g.rows(model, ("out",), ("weight",)),
+                                      [m for m in g.by_role("out") if m.param == "weight"])
+                    if m.module in g.sources]
+            out[g.index] = torch.stack([r.detach().abs().sum(1) for r in rows]).sum(0).cpu()
+        return out
+
+    # -- strategies ------------------------------------------------------------------------------
+    def _rates(self, macs: MacModel, target: float) -> tuple[float, float]:
+        """(min_rate, max_rate): given, or centred on the uniform rate that meets `target`."""
+        if self.max_rate is not None:
+            return self.min_rate, self.max_rate
+        sizes = torch.tensor([float(g.size) for g in self.groups])
+        top = 1.0 - self.min_keep
+        lo, hi = 0.0, top
+        if float(macs.ratio(self._removed(torch.full((1, len(sizes)), top))[0])) > target:
+            raise ValueError(f"MACs target {target} cannot be met by pruning the internal "
+                             f"groups at most {top:.0%} each")
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            r = float(macs.ratio(self._removed(torch.full((1, len(sizes)), mid))[0]))
+            lo, hi = (mid, hi) if r > target else (lo, mid)
+        uni = hi
+        if 2 * uni <= top:
+            return 0.0, 2 * uni
+        return top - 2 * (top - uni), 2 * (top - uni)
+
+    def _removed(self, rates: torch.Tensor) -> torch.Tensor:
+        """(n, n_all_groups) channels removed per group for (n, n_groups) rates."""
+        out = torch.zeros(rates.shape[0], len(self.all_groups))
+        for j, g in enumerate(self.groups):
+            cap = g.size - min_keep_count(g.size, self.min_keep, self.min_channels)
+            out[:, g.index] = (rates[:, j] * g.size).floor().clamp(0, cap)
+        return out
+
+    def sample(self, macs: MacModel, target: float, n: int,
+               gen: torch.Generator) -> list[dict]:
+        """`n` random strategies whose MACs ratio lies in target +- window."""
+        lo, hi = self._rates(macs, target)
+        self.rate_range = (lo, lo + hi)
+        found: list[dict] = []
+        for _ in range(500):
+            rates = lo + torch.rand(4096, len(self.groups), generator=gen) * hi
+            removed = self._removed(rates)
+            ratio = macs.ratio(removed)
+            ok = torch.nonzero((ratio - target).abs() <= self.window).flatten()
+            for k in ok[:n - len(found)].tolist():
+                found.append({"rates": rates[k], "removed": removed[k].long(),
+                              "macs_ratio": float(ratio[k])})
+            if len(found) >= n:
+                return found
+        raise ValueError(f"found only {len(found)} of {n} strategies within {self.window} of "
+                         f"the MACs target {target}; widen `window` or set max_rate/min_rate")
+
+    def keep_for(self, cand: dict, model: nn.Module,
+                 scores: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Keep-indices of a strategy: the largest-L1 filters of each group."""
+        scores = self.scores(model) if scores is None else scores
+        keep = {}
+        for g in self.groups:
+            n_rm = int(cand["removed"][g.index])
+            keep[g.index] = torch.argsort(scores[g.index], descending=True)[
+                :g.size - n_rm].sort().values
+        return keep
+
+    # -- the search ------------------------------------------------------------------------------
+    def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
+        from tqdm.auto import tqdm
+        if budget is not None and budget.macs is None:
+            raise ValueError("EagleEye searches for a MACs target: use Budget(macs=...)")
+        target = budget.macs if budget is not None else self.target_macs
+        if target is None:
+            raise ValueError("EagleEye needs a MACs target: Budget(macs=...) or target_macs=")
+        ctx = self.ctx
+        if ctx is None or ctx.train_loader is None:
+            raise ValueError("EagleEye needs method.ctx with train_loader (adaptive BN) and "
+                             "calib_loader (held-out scoring)")
+        held = ctx.calib_loader
+        if held is None:
+            warnings.warn("no held-out calibration data (ctx.calib_loader): scoring strategies "
+                          "on the training loader")
+            held = ctx.train_loader
+        macs = MacModel(model, self.all_groups, ctx.example_inputs)
+        gen = torch.Generator().manual_seed(self.seed)
+        cands = self.sample(macs, target, self.n_candidates, gen)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        l1 = self.scores(model)
+        was = model.training
+        try:
+            for c in tqdm(cands, desc="eagleeye candidates", disable=ctx.quiet, leave=False):
+                keep = self.keep_for(c, model, l1)
+                for g in self.groups:
+                    gone = torch.ones(g.size, dtype=torch.bool)
+                    gone[keep[g.index]] = False
+                    g.zero_(torch.nonzero(gone).flatten(), model)
+                adaptive_bn(model, ctx.train_loader, self.abn_batches, ctx.device)
+                c["score"] = evaluate(model, held, device=ctx.device)
+                model.load_state_dict(state)
+        finally:
+            model.load_state_dict(state)
+            model.train(was)
+        self.candidates = cands
+        best = max(cands, key=lambda c: c["score"])
+        self.best = best
+        small = remove_channels(model, self.all_groups, self.keep_for(best, model, l1))
+        return adaptive_bn(small, ctx.train_loader, self.abn_batches, ctx.device).eval()

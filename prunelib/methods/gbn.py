@@ -1,0 +1,286 @@
+"""GBN: Gate Decorator (gated BatchNorm), Taylor scores, tick-tock pruning.
+
+You, Yan, Ye, Ma, Wang, "Gate Decorator: Global Filter Pruning Method for Accelerating Deep
+Convolutional Neural Networks", NeurIPS 2019 (arXiv:1909.08174); official code
+youzhonghui/gate-decorator-pruning (prune/universal.py, run/resnet-56/resnet56_prune.ipynb).
+
+Gate        GBN(x) = phi * BN(x) with a gate phi per channel. As the official `extract_from_bn`:
+            phi <- gamma, BN weight <- 1 (frozen), beta <- clamp(beta / gamma, -10, 10), so the
+            function is unchanged (up to the clamp). A mask (0/1 buffer) multiplies phi; a masked
+            channel outputs exactly 0, so its removal is exact. `melt` puts phi back into the BN:
+            weight = phi * mask, bias = beta * phi * mask.
+Score       Taylor estimate of the loss change when phi_i -> 0, accumulated as in the official
+            gradient hook:  Theta_i = sum_batches |phi_i * dL/dphi_i|  (the absolute value is
+            taken per batch, inside the sum). BNs joined by one residual sum share a summed score
+            and one mask (a coupled group; residual='coupled' is the default, as the official
+            ResNet-56 notebook groups the stem BN, every block's bn2 and the shortcut BN).
+Tick        conv weights frozen, train the rest for `tick` of an epoch at lr_min with the task
+            loss only while accumulating Theta; then globally remove the floor(p * remaining)
+            lowest-scoring filters (a coupled channel counts once per BN, as the official
+            `get_threshold`), keeping each group's top max(1, int(0.1 * size)) by score, and
+            stopping as soon as the MACs target is met.
+Tock        train everything with L = CE + lam * sum |phi| (lam = 1e-3), every `ticks_per_tock`
+            (10) ticks, and once before the first tick.
+Defaults    official ResNet-56: p = 0.002 of the remaining filters per tick, lam = 1e-3, T = 10
+            ticks per tock, tock 10 epochs with a triangular lr 1e-3 -> 1e-2 -> 1e-3, tick
+            1 epoch at 1e-3, weight decay 5e-4, momentum 0.9. prunelib fits the whole tick-tock
+            schedule into the regularization phase of `ctx.epochs`: half of it in ticks (as the
+            official 10 x 1-epoch ticks per 10-epoch tock), `rounds` tocks after the initial one,
+            tocks at ctx.lr (the official lr_max) with the pipeline's schedule and a linear
+            warm-up over their first half (fit has no triangular schedule), ticks at
+            lr_min = ctx.lr / 10. With a MACs target (`target_macs`, else ctx.extra['budget'])
+            and p=None, p is set so the target is reached within the scheduled ticks:
+            p = 1 - (1 - f)^(1 / ticks), f the fraction of filters a one-shot |phi| ranking
+            removes to meet the target.
+Decision    tick-tock until the MACs target, then remove the masked channels
+            (`finish(model, None)`); with a Budget, masked channels go first and the rest by
+            Theta (|phi| if no tick ran) until the budget is met.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGroup
+from ..select import Budget, select_keep
+from ..surgery import remove_channels
+from ..train import fit
+from .base import Context, Method, register
+from .eagleeye import MacModel
+
+
+@register("gbn")
+class GateDecorator(Method):
+    """Gated BN with Taylor scores |phi * dL/dphi|, global tick-tock pruning, coupled residual
+    groups (module docstring: equations, schedule and defaults)."""
+    residual = "coupled"
+
+    def __init__(self, lam: float = 1e-3, p: float | None = None, ticks_per_tock: int = 10,
+                 rounds: int = 1, tick_share: float = 0.5, target_macs: float | None = None,
+                 min_keep: float = 0.1, **kw: Any) -> None:
+        super().__init__(min_keep=min_keep, **kw)
+        if p is not None and not 0 < p < 1:
+            raise ValueError(f"p must be in (0, 1), got {p}")
+        if ticks_per_tock < 1 or rounds < 1 or not 0 < tick_share < 1 or lam < 0:
+            raise ValueError("need ticks_per_tock >= 1, rounds >= 1, 0 < tick_share < 1, "
+                             "lam >= 0")
+        if target_macs is not None and not 0 < target_macs <= 1:
+            raise ValueError(f"target_macs must be in (0, 1], got {target_macs}")
+        self.lam, self.p, self.ticks_per_tock, self.rounds = lam, p, ticks_per_tock, rounds
+        self.tick_share, self.target_macs = tick_share, target_macs
+        self._handles: dict[str, Any] = {}
+        self._collect = False
+        self.log: list[dict] = []
+
+    # -- gates ---------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
+        model = super().attach(model, groups)
+        self.groups = [g for g in self.groups if g.bns()]
+        if not self.groups:
+            raise ValueError("GBN found no prunable channel group with a BatchNorm layer")
+        names = list(dict.fromkeys(m.module for g in self.groups for m in g.bns()))
+        with torch.no_grad():
+            for n in names:
+                bn = model.get_submodule(n)
+                gamma = bn.weight.detach().clone()
+                safe = torch.where(gamma.abs() < 1e-12, torch.full_like(gamma, 1e-12), gamma)
+                bn.bias.copy_((bn.bias / safe).clamp(-10, 10))
+                bn.weight.fill_(1.0)
+                bn.weight.requires_grad_(False)
+                bn.register_parameter("gbn_gate", nn.Parameter(gamma))
+                bn.register_buffer("gbn_mask", torch.ones_like(gamma))
+                bn.register_buffer("gbn_score", torch.zeros_like(gamma))
+                self._handles[n] = bn.register_forward_hook(_gate_hook)
+        self._names = names
+        self._gates = [model.get_submodule(n).gbn_gate for n in names]
+        self._bns = [model.get_submodule(n) for n in names]
+        self.ticks_done = 0
+        return model
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        if self._collect or self.lam == 0:
+            return None
+        return self.lam * sum(g.abs().sum() for g in self._gates)
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module) -> None:
+        if self._collect:
+            for bn in self._bns:
+                if bn.gbn_gate.grad is not None:
+                    bn.gbn_score.add_((bn.gbn_gate.grad * bn.gbn_gate).abs())
+
+    # -- scores and masks ----------------------------------------------------------------------
+    def _group_vals(self, model: nn.Module, attr: str) -> dict[int, torch.Tensor]:
+        out = {}
+        for g in self.groups:
+            vals = [getattr(model.get_submodule(m.module), attr).detach()[m.idx[:, 0].to(
+                m.tensor(model).device)] for m in g.bns()]
+            out[g.index] = torch.stack(vals).sum(0).cpu()
+        return out
+
+    def taylor(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """Theta summed over the BNs of each group (zero for masked channels)."""
+        s, mask = self._group_vals(model, "gbn_score"), self.masks(model)
+        return {i: v * mask[i] for i, v in s.items()}
+
+    def masks(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """1 = alive, 0 = pruned, per group channel."""
+        return {i: (v > 0).float() for i, v in self._group_vals(model, "gbn_mask").items()}
+
+    def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """Theta if a tick has run, else |phi| summed over the group's BNs; masked = -1."""
+        base = (self.taylor(model) if self.ticks_done else
+                {i: v.abs() for i, v in self._group_vals(model, "gbn_gate").items()})
+        mask = self.masks(model)
+        return {i: torch.where(mask[i] > 0, v, torch.full_like(v, -1.0))
+                for i, v in base.items()}
+
+    def floor(self, size: int) -> int:
+        """Channels a group always keeps: max(min_channels, int(min_keep * size)) (official)."""
+        return min(size, max(self.min_channels, int(self.min_keep * size)))
+
+    @torch.no_grad()
+    def prune_step(self, model: nn.Module, num: int, target: float | None,
+                   macs: MacModel) -> int:
+        """Mask up to `num` filters (a coupled channel counts once per BN) with the lowest
+        Theta, globally, each group keeping its `floor` best; stop at `target` MACs."""
+        theta, mask = self.taylor(model), self.masks(model)
+        cand, owner, weight = [], [], []
+        for g in self.groups:
+            s, alive = theta[g.index], mask[g.index] > 0
+            top = torch.argsort(s, descending=True)[:self.floor(g.size)]
+            ok = alive.clone()
+            ok[top] = False
+            idx = torch.nonzero(ok).flatten()
+            cand.append(torch.stack([s[idx], idx.float()], 1))
+            owner.append(torch.full((len(idx),), g.index))
+            weight.append(torch.full((len(idx),), len(g.bns())))
+        cand, owner, weight = torch.cat(cand), torch.cat(owner), torch.cat(weight)
+        order = torch.argsort(cand[:, 0], stable=True)
+        cand, owner, weight = cand[order], owner[order], weight[order]
+        n = int((torch.cumsum(weight, 0) <= max(num, 1)).sum().clamp_min(1))
+        n = min(n, len(cand))
+        if target is not None and n > 0:
+            removed = self.removed_counts(model).double()
+            steps = torch.zeros(n, len(self.all_groups), dtype=torch.float64)
+            steps[torch.arange(n), owner[:n]] = 1.0
+            curve = macs.ratio(removed + torch.cumsum(steps, 0))
+            hit = torch.nonzero(curve <= target).flatten()
+            if len(hit):
+                n = int(hit[0]) + 1
+        for gi, ch in zip(owner[:n].tolist(), cand[:n, 1].long().tolist()):
+            for m in self.all_groups[gi].bns():
+                model.get_submodule(m.module).gbn_mask[int(m.idx[ch, 0])] = 0.0
+        return int(weight[:n].sum())
+
+    def removed_counts(self, model: nn.Module) -> torch.Tensor:
+        """Masked channels per group index (all groups; zeros for unscored ones)."""
+        out = torch.zeros(len(self.all_groups))
+        for i, m in self.masks(model).items():
+            out[i] = float((m == 0).sum())
+        return out
+
+    # -- the tick-tock phase ---------------------------------------------------------------------
+    def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if ctx.epochs <= 0:
+            return model
+        budget = ctx.extra.get("budget")
+        target = self.target_macs if self.target_macs is not None else (
+            budget.macs if budget is not None and budget.macs is not None else None)
+        macs = MacModel(model, self.all_groups, ctx.example_inputs)
+        ticks = self.rounds * self.ticks_per_tock
+        tick_ep = ctx.epochs * self.tick_share / ticks
+        tock_ep = ctx.epochs * (1 - self.tick_share) / (self.rounds + 1)
+        fit_kw = dict(weight_decay=ctx.weight_decay, momentum=ctx.momentum, hooks=self,
+                      device=ctx.device, quiet=ctx.quiet)
+        self._tock(model, ctx, tock_ep, fit_kw)
+        for r in range(self.rounds):
+            for _ in range(self.ticks_per_tock):
+                ratio = float(macs.ratio(self.removed_counts(model).double()))
+                if target is not None and ratio <= target:
+                    break
+                left = sum(len(g.bns()) * int(self.masks(model)[g.index].sum())
+                           for g in self.groups)
+                self._tick(model, ctx, tick_ep, fit_kw)
+                p = self.tick_fraction(model, target, ticks - self.ticks_done + 1, left)
+                n = self.prune_step(model, int(left * p), target, macs)
+                self.log.append({"tick": self.ticks_done, "pruned": n, "p": p,
+                                 "macs_ratio": float(macs.ratio(
+                                     self.removed_counts(model).double()))})
+            self._tock(model, ctx, tock_ep, fit_kw)
+        return model
+
+    def tick_fraction(self, model: nn.Module, target: float | None, ticks_left: int,
+                      left: int) -> float:
+        """p, or (p=None with a target) the fraction of the remaining filters each of the
+        `ticks_left` ticks must remove: 1 - (1 - f)^(1/ticks_left), f = the share a one-shot
+        ranking by the current scores removes to meet the target (x 1.1, capped at 0.5)."""
+        if self.p is not None or target is None:
+            return self.p if self.p is not None else 0.002
+        est = select_keep(model, self.all_groups, self.scores(model), Budget(macs=target),
+                          self.ctx.example_inputs if self.ctx is not None else None,
+                          min_keep=self.min_keep, min_channels=self.min_channels)
+        mask = self.masks(model)
+        gone = sum(len(g.bns()) * int(mask[g.index].sum() - mask[g.index][est[g.index]].sum())
+                   for g in self.groups)
+        f = min(1.0, gone / max(left, 1))
+        return min(0.5, 1.1 * (1 - (1 - f) ** (1 / max(ticks_left, 1))))
+
+    def _tock(self, model: nn.Module, ctx: Context, epochs: float, kw: dict) -> None:
+        if epochs > 0:
+            fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr, schedule=ctx.schedule,
+                warmup=epochs / 2, **kw)
+
+    def _tick(self, model: nn.Module, ctx: Context, epochs: float, kw: dict) -> None:
+        convs = [p for mod in model.modules() if isinstance(mod, nn.modules.conv._ConvNd)
+                 for p in mod.parameters() if p.requires_grad]
+        for bn in self._bns:
+            bn.gbn_score.zero_()
+        self._collect = True
+        try:
+            for q in convs:
+                q.requires_grad_(False)
+            fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr / 10, schedule="constant",
+                **kw)
+        finally:
+            self._collect = False
+            for q in convs:
+                q.requires_grad_(True)
+        self.ticks_done += 1
+
+    # -- back to a plain model -----------------------------------------------------------------
+    @torch.no_grad()
+    def melt(self, model: nn.Module) -> nn.Module:
+        """Fold phi * mask into each gated BN of `model` (in place) and remove the gates."""
+        for n in self._names:
+            bn = model.get_submodule(n)
+            g = bn.gbn_gate.detach() * bn.gbn_mask
+            bn.weight.copy_(g)
+            bn.bias.mul_(g)
+            bn.weight.requires_grad_(True)
+            bn._forward_hooks.pop(self._handles[n].id, None)
+            for key in ("gbn_gate",):
+                bn._parameters.pop(key, None)
+            for key in ("gbn_mask", "gbn_score"):
+                bn._buffers.pop(key, None)
+        return model
+
+    def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
+        scores, mask = self.scores(model), self.masks(model)
+        plain = self.melt(copy.deepcopy(model))
+        if budget is None:
+            keep = {i: torch.nonzero(m > 0).flatten() for i, m in mask.items()}
+        else:
+            keep = self.select(plain, budget, scores)
+            keep = {i: k[mask[i][k] > 0] if (mask[i][k] > 0).any() else k[:1]
+                    for i, k in keep.items()}
+        return remove_channels(plain, self.all_groups, keep)
+
+
+def _gate_hook(bn: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    g = bn.gbn_gate * bn.gbn_mask
+    return out * g.view((1, -1) + (1,) * (out.dim() - 2))
+

@@ -2,7 +2,10 @@
 
 Commands (one ``cmd_<name>(args) -> int`` function each, registered in `main`):
 
-    train   train a dense CIFAR-10 baseline and save a checkpoint with its metadata
+    train    train a dense CIFAR-10 baseline and save a checkpoint with its metadata
+    run      prune a baseline with one method under a budget; write the result as JSON
+    methods  list the registered methods
+    bench    print the benchmark table (training speed, data, surgery, latency, overhead)
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import default_device, evaluate, fit, save_checkpoint, seed_everything
 
     seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     out = Path(args.out) if args.out else (
         cache_dir() / "baselines" / f"{args.model}_cifar10_s{args.seed}.pt")
@@ -66,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                     loss=hist["loss"], lr=args.lr, weight_decay=args.wd,
                     batch_size=args.batch_size, schedule=args.schedule, warmup=args.warmup,
                     seed=args.seed, subset=args.subset, command=command,
-                    torch=torch.__version__, device=str(device))
+                    torch=torch.__version__, device=str(device),
+                    threads=torch.get_num_threads())
     _log(f"saved {out}")
     return 0
 
@@ -93,7 +99,132 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--test-subset", type=int, default=None, help="number of test images")
     p.add_argument("--eval-every", type=int, default=5, help="epochs between test evals")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is robust on a busy CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Dense baseline -> method's sparse phase -> removal -> fine-tune; JSON with every phase."""
+    import json
+
+    import torch
+
+    from . import methods
+    from .data import cifar10
+    from .pipeline import get_scale, load_baseline, run
+    from .select import Budget
+    from .surgery import save_pruned
+    from .train import default_device, seed_everything
+
+    hp = {}
+    for item in args.hp:
+        if "=" not in item:
+            raise SystemExit(f"--hp expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        hp[k] = _value(v)
+    try:
+        method = methods.get(args.method, **hp)
+    except KeyError as e:
+        raise SystemExit(str(e).strip('"'))
+    budget = (Budget(percent=args.percent) if args.percent is not None else
+              Budget(threshold=args.threshold) if args.threshold is not None else
+              Budget(macs=args.target_macs))
+    scale = get_scale(args.scale)
+    overrides = {k: v for k, v in (("reg_epochs", args.reg_epochs),
+                                   ("ft_epochs", args.ft_epochs)) if v is not None}
+    seed_everything(args.seed)
+    device = torch.device(args.device) if args.device else default_device()
+    data = cifar10(args.data, batch_size=scale.batch_size, subset=scale.subset,
+                   test_subset=scale.test_subset, holdout=scale.holdout, device=device,
+                   seed=args.seed, download=args.download)
+    model, info = load_baseline(args.model, data, device=device, scale=scale,
+                                quiet=args.quiet)
+    _log(f"# baseline {args.model}: {info.get('accuracy', float('nan')):.2f}% ({info['path']})")
+    pruned, res = run(method, model, data, budget, scale=scale, device=device,
+                      quiet=args.quiet, seed=args.seed, **overrides)
+    res = {"model": args.model, **res, "baseline": {k: info[k] for k in ("path", "accuracy")
+                                                   if k in info}}
+    acc = res["accuracy"]
+    _log(f"{res['method']}: MACs {res['pruned']['macs_ratio']:.3f} of dense, params "
+         f"{res['pruned']['params_ratio']:.3f}; accuracy dense {acc['dense']:.2f} -> "
+         f"regularized {acc['regularized']:.2f} -> removed {acc['removed']:.2f} -> "
+         f"fine-tuned {acc['finetuned']:.2f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        _log(f"wrote {args.out}")
+    if args.save:
+        save_pruned(pruned, args.save, model=args.model, method=res["method"])
+        _log(f"saved pruned model to {args.save} (load with prunelib.load_pruned)")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .models import MODELS
+    from .pipeline import SCALES
+    p = sub.add_parser("run", help="prune a baseline with one method under a budget",
+                       description="Load (or train) the dense baseline, run the method's "
+                                   "sparse phase, remove channels to the budget, fine-tune, "
+                                   "and write every phase's numbers as JSON.")
+    p.add_argument("--method", required=True, help="a name from `prunelib methods`")
+    p.add_argument("--model", default="resnet20", choices=MODELS)
+    p.add_argument("--target-macs", type=float, default=0.5,
+                   help="fraction of the dense MACs to keep (default 0.5)")
+    p.add_argument("--percent", type=float, default=None,
+                   help="instead: remove this fraction of the scored channels")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="instead: remove channels whose score is <= this")
+    p.add_argument("--scale", default="quick", choices=list(SCALES))
+    p.add_argument("--reg-epochs", type=float, default=None, help="override the scale's")
+    p.add_argument("--ft-epochs", type=float, default=None, help="override the scale's")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyperparameter, e.g. --hp lam=1e-4 (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON result path")
+    p.add_argument("--save", default=None, help="save the pruned model here")
+    p.add_argument("--data", default=None, help="data root (default: $PRUNELIB_DATA)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from . import methods
+    for name in methods.names():
+        cls = type(methods.get(name))
+        doc = (cls.__doc__ or "").strip().splitlines()
+        _log(f"{name:10s} {cls.__name__:24s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import run_bench
+    res = run_bench(args.device, steps=args.steps, reps=args.reps)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="print the benchmark table")
+    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=int, default=20, help="training steps timed per loop")
+    p.add_argument("--reps", type=int, default=20, help="timed forward passes per latency")
+    p.add_argument("--out", default=None, help="also write the numbers as JSON")
     return p
 
 
@@ -105,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
                               Callable[[argparse.Namespace], int]]] = {
         "train": (_add_train, cmd_train),
+        "run": (_add_run, cmd_run),
+        "methods": (lambda sub: sub.add_parser("methods", help="list registered methods"),
+                    cmd_methods),
+        "bench": (_add_bench, cmd_bench),
     }
     for adder, func in commands.values():
         adder(sub).set_defaults(func=func)

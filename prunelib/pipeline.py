@@ -13,7 +13,8 @@ plus latency of both models (median ms at batch 1 and 64, on the run's device), 
 every phase, the method's hyperparameters, torch version and device.
 
 Scales (every knob in one place, `SCALES`): 'quick' is minutes on a 2-core CPU (a 10k-image
-class-balanced training subset, 2 + 2 epochs from the committed baseline); 'full' is the
+class-balanced training subset, 2 + 2 epochs from the committed baseline; a model without a
+committed or cached baseline gets a weak 15-epoch one on that subset, said in the log); 'full' is the
 papers' schedule for a GPU (full training set, 160 epochs of sparse training and 160 of
 fine-tuning, lr 0.1 with steps at 50% / 75%, as NS's official code).
 """
@@ -50,12 +51,13 @@ class Scale:
     weight_decay: float
     baseline_epochs: int        # dense training when no baseline checkpoint exists
     baseline_lr: float
+    test_subset: int | None = None   # test images (None = all 10k)
 
 
 SCALES: dict[str, Scale] = {
     "quick": Scale("quick", subset=10_000, holdout=1_000, batch_size=128, reg_epochs=2,
                    reg_lr=0.02, ft_epochs=2, ft_lr=0.02, schedule="cosine", weight_decay=5e-4,
-                   baseline_epochs=40, baseline_lr=0.1),
+                   baseline_epochs=15, baseline_lr=0.1),
     "full": Scale("full", subset=None, holdout=5_000, batch_size=64, reg_epochs=160,
                   reg_lr=0.1, ft_epochs=160, ft_lr=0.1, schedule="step", weight_decay=1e-4,
                   baseline_epochs=160, baseline_lr=0.1),

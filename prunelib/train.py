@@ -8,6 +8,9 @@ method's hooks in this order every step (design.md, "The method interface")::
     opt.zero_grad(set_to_none=True); loss.backward()
     hooks.after_backward(model); opt.step(); hooks.after_step(model)
 
+Both `fit` and `evaluate` move the model to the requested device and, when it has 2-D
+convolutions, to the channels_last memory format (in place), and feed it channels_last inputs.
+
 Per-step losses are kept as a device tensor and read back only every `sync_every` steps
 (progress bar, NaN check), so the loop adds no host-device synchronisation per step.
 """

@@ -184,3 +184,14 @@ def test_real_cifar10(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     x, y = next(iter(d.train))
     assert x.shape == (64, 3, 32, 32) and y.dtype == torch.int64
     assert list(tmp_path.iterdir()) == []                 # nothing written anywhere
+
+
+def test_batches_on_device_match_cpu(device: torch.device) -> None:
+    images = np.random.default_rng(3).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    ref = list(Batches(images, np.arange(20), 8, shuffle=True, augment=True, seed=5))
+    got = list(Batches(images, np.arange(20), 8, shuffle=True, augment=True, seed=5,
+                       device=device))
+    for (x, y), (xd, yd) in zip(ref, got):
+        assert xd.device.type == device.type and yd.device.type == device.type
+        assert torch.equal(yd.cpu(), y)
+        torch.testing.assert_close(xd.cpu(), x)

@@ -192,15 +192,29 @@ def test_cli_train_on_tiny_npz(tmp_path: Path, capsys: pytest.CaptureFixture) ->
                  images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                  labels=np.arange(n) % 10)
     out = tmp_path / "r20.pt"
-    assert main(["train", "--model", "resnet20", "--epochs", "2", "--batch-size", "20",
-                 "--data", str(tmp_path), "--out", str(out), "--eval-every", "1",
-                 "--device", "cpu", "--quiet"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--model", "resnet20", "--epochs", "2", "--batch-size", "20",
+                     "--data", str(tmp_path), "--out", str(out), "--eval-every", "1",
+                     "--device", "cpu", "--quiet", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     log = capsys.readouterr().out
     assert "epoch   1/2" in log and "final test accuracy" in log
     from prunelib.models import get_model
     meta = load_checkpoint(get_model("resnet20"), out)
     assert meta["model"] == "resnet20" and meta["steps"] == 4 and meta["epochs"] == 2
     assert 0 <= meta["accuracy"] <= 100 and meta["command"].startswith("prunelib train")
-    assert [e[0] for e in meta["evals"]] == [1, 2]
+    assert [e[0] for e in meta["evals"]] == [1, 2] and meta["threads"] == 1
     with pytest.raises(SystemExit):
         main(["train", "--model", "resnet21"])
+
+
+def test_fit_and_evaluate_on_device(device: torch.device) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
+    m = tiny_cnn()
+    h = fit(m, Loader(x, y, 6), epochs=20, lr=0.1, device=device, quiet=True)
+    assert next(m.parameters()).device.type == device.type
+    assert h["loss"][-1] < h["loss"][0]
+    assert 0.0 <= evaluate(m, Loader(x, y, 6), device=device) <= 100.0

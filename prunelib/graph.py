@@ -251,7 +251,8 @@ class _Tracer:
         A consumer (conv/linear input) that would see a non-zero value from a zeroed channel
         freezes it (`freeze_unsafe`); BN and pooling pass the flag on instead.
         """
-        c = code.movedim(dim, 0).reshape(code.shape[dim], -1)             # (C, rest)
+        c = _squeeze_broadcast(code, keep=dim).movedim(dim, 0)
+        c = c.reshape(c.shape[0], -1)                                      # (C, rest)
         ids, safe = _ids(c), _safe(c)
         lo, hi = ids.amin(1), ids.amax(1)
         out = hi.clone()
@@ -379,6 +380,10 @@ class _Tracer:
 
     def replay(self, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
                cargs: tuple, ckw: dict) -> Any:
+        return _map_tensors(self._replay(name, node, real, args, kwargs, cargs, ckw), _compress)
+
+    def _replay(self, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
+                cargs: tuple, ckw: dict) -> Any:
         """Run a data-movement op on the codes instead of the values.
 
         A pruned model re-runs the same op with sizes derived from its (smaller) inputs, but with
@@ -388,7 +393,7 @@ class _Tracer:
         """
         def sub(real_arg: Any, code_arg: Any) -> Any:
             if isinstance(real_arg, torch.Tensor):
-                return code_arg.contiguous()
+                return code_arg
             if isinstance(real_arg, (list, tuple)):
                 return type(real_arg)(sub(r, c) for r, c in zip(real_arg, code_arg))
             return real_arg
@@ -506,6 +511,9 @@ class _Tracer:
         ca = [c if isinstance(a, torch.Tensor) else _const_code(a)
               for a, c in zip(args[:2], cargs[:2])]
         a, b = torch.broadcast_tensors(*ca)
+        for d in range(a.dim()):                      # work on what actually varies
+            if a.shape[d] > 1 and a.stride(d) == 0 and b.stride(d) == 0:
+                a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
         ia, ib = _ids(a), _ids(b)
         self.uf.union_arrays(ia.numpy(), ib.numpy())
         ids = torch.where(ia >= 0, ia, ib)
@@ -649,9 +657,28 @@ class _Tracer:
         return out
 
 
+def _squeeze_broadcast(code: torch.Tensor, keep: int = -1) -> torch.Tensor:
+    """The same codes with every stride-0 (broadcast) dim narrowed to size 1."""
+    for d in range(code.dim()):
+        if d != keep % code.dim() and code.shape[d] > 1 and code.stride(d) == 0:
+            code = code.narrow(d, 0, 1)
+    return code
+
+
+def _compress(code: torch.Tensor) -> torch.Tensor:
+    """Re-express dims along which the codes are constant as broadcasts (saves memory/time)."""
+    if code.numel() < 4096:
+        return code
+    small = _squeeze_broadcast(code)
+    for d in range(small.dim()):
+        if small.shape[d] > 1 and bool((small == small.narrow(d, 0, 1)).all()):
+            small = small.narrow(d, 0, 1)
+    return small.expand(code.shape)
+
+
 def _varying_dims(code: torch.Tensor) -> set[int]:
     """Dims along which the channel ids of `code` change (the dims that carry channels)."""
-    ids = _ids(code)
+    ids = _ids(_squeeze_broadcast(code))
     return {d for d in range(ids.dim())
             if ids.shape[d] > 1 and bool((ids.amax(d) != ids.amin(d)).any())}
 

@@ -441,6 +441,16 @@ def test_greg_macs_target_sets_uniform_ratios_and_finish_removes_the_preset_set(
         assert torch.equal(small.get_submodule(g.sources[0]).weight, mod.weight[kept])
 
 
+def test_greg_takes_the_macs_target_from_a_budget_in_the_context():
+    model = get_model("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    greg = GReg(macs=0.5)
+    greg.ctx = Context(example_inputs=x, extra={"budget": Budget(macs=0.75)})
+    greg.attach(model, pl.channel_groups(model, x))
+    frac = pl.count(greg.finish(model), x)[0] / pl.count(model, x)[0]
+    assert 0.7 < frac <= 0.75
+
+
 def test_greg_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match="variant"):
         GReg(variant="greg3")

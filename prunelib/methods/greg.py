@@ -24,8 +24,9 @@ Decision    the paper's rule, `finish(model)`: remove exactly the chosen pruned 
 Ratios      `pr`: one float (uniform), or {layer-name prefix: ratio} (the longest matching
             prefix of a group's producing layer wins, e.g. {'layer1': .75, 'layer2': .75,
             'layer3': .32} as the official stage_pr), or None: a uniform ratio computed at attach
-            so that the preset pruned set meets `macs` (fraction of dense MACs kept, default 0.5,
-            the book's common target; the pipeline passes the budget to `finish` only).
+            so that the preset pruned set meets the MACs target: `ctx.extra['budget'].macs` when
+            the caller puts the budget there, else `macs` (fraction of dense MACs kept, default
+            0.5, the book's common target; `pipeline.run` passes the budget to `finish` only).
 Residual    'internal' (default): filter pruning never touches the last conv of a block or the
             shortcuts (official `_get_layer_pr_resnet`: ratios per stage, blocks' inner convs).
 Defaults    [option.py + README] delta = 1e-4 (reg_granularity_prune), tau = 1
@@ -117,7 +118,9 @@ class GReg(Method):
     def _ratios(self, model: nn.Module) -> dict[int, float]:
         if self.pr is not None:
             return {g.index: self._ratio_of(g) for g in self.groups}
-        r = uniform_ratio(model, self.all_groups, self.groups, self.macs,
+        budget = self.ctx.extra.get("budget") if self.ctx is not None else None
+        target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
+        r = uniform_ratio(model, self.all_groups, self.groups, target,
                           self.ctx.example_inputs if self.ctx is not None else None)
         return {g.index: r for g in self.groups}
 

@@ -243,7 +243,7 @@ def test_scp_off_probability_matches_monte_carlo_bn_relu(device):
 def test_scp_relaxed_mask_is_on_with_the_keep_probability(device):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16, device=device)
-    meth, model, _ = setup("scp", tiny(4), x, device)
+    meth, model, _ = setup("scp", tiny(4), x, device, mask="concrete")
     bn = model[1].train()
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0, 0.3]))
@@ -261,19 +261,30 @@ def test_scp_sparsity_term_is_lam_times_expected_active_channels(device):
     assert meth.loss_term(model).item() == pytest.approx(0.5 * want.item(), rel=1e-5)
 
 
-def test_scp_off_decision_removal_equals_the_masked_network(device):
+def test_scp_folded_masks_reproduce_the_inference_network(device):
+    x = torch.randn(4, 3, 16, 16, device=device)
+    model = tiny()
+    randomize_bn(model)
+    meth, model, _ = setup("scp", model, x, device)
+    y0 = out(model, x)                               # inference: soft masks 1 - P_off
+    assert (y0 - out(meth.detach(copy.deepcopy(model)), x)).abs().max() > 1e-3
+    small = meth.finish(model, Budget(macs=1.0))     # nothing removed, masks folded into BN
+    torch.testing.assert_close(out(small, x), y0, rtol=1e-5, atol=1e-6)
+
+
+def test_scp_off_decision_removes_the_likely_off_channels(device):
     x = torch.randn(4, 3, 16, 16, device=device)
     model = tiny()
     randomize_bn(model)
     meth, model, _ = setup("scp", model, x, device, decision="off")
     with torch.no_grad():
         model[4].bias[:] = 0.3
-        model[4].bias[[1, 2, 7]] = -0.4              # likely off: removed
-        model[7].bias[:] = 0.2                       # all on: kept
-        model[1].bias[:] = -0.1                      # all off: the floor keeps one, zeroed
+        model[4].bias[[1, 2, 3, 7]] = -10.0          # P_off ~ 1: removed, mask ~ 0
+        model[7].bias[:] = 0.2                       # likely on: kept
+        model[1].bias[:] = -10.0                     # all off: the floor keeps one
     y0 = out(model, x)
     small = meth.finish(model, None)
-    assert small[3].out_channels == 13 and small[0].out_channels == 1
+    assert small[3].out_channels == 12 and small[0].out_channels == 1
     assert small[6].out_channels == 16
     torch.testing.assert_close(out(small, x), y0, rtol=1e-5, atol=1e-6)
 

@@ -29,9 +29,10 @@ Defaults    official ResNet-56: p = 0.002 of the remaining filters per tick, lam
             tocks at ctx.lr (the official lr_max) with the pipeline's schedule and a linear
             warm-up over their first half (fit has no triangular schedule), ticks at
             lr_min = ctx.lr / 10. With a MACs target (`target_macs`, else ctx.extra['budget'])
-            and p=None, p is set so the target is reached within the scheduled ticks:
-            p = 1 - (1 - f)^(1 / ticks), f the fraction of filters a one-shot |phi| ranking
-            removes to meet the target.
+            and p=None, p is recomputed before every tick so that the target is reached within
+            the ticks left: p = 1.1 * (1 - (1 - f)^(1 / ticks_left)), f the share of the
+            remaining filters that a one-shot ranking by the current scores removes to meet the
+            target (capped at 0.5); without a target, the official p = 0.002.
 Decision    tick-tock until the MACs target, then remove the masked channels
             (`finish(model, None)`); with a Budget, masked channels go first and the rest by
             Theta (|phi| if no tick ran) until the budget is met.

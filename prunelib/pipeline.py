@@ -119,7 +119,9 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
         measure_latency: bool = True, **overrides: Any) -> tuple[nn.Module, dict]:
     """Prune a copy of `model` with `method` under `budget`; return (pruned model, result).
 
-    `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01).
+    `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods that plan
+    their sparse phase around the target (GBN's tick-tock, GREG's preset pruned set) read it
+    from `method.ctx.extra['budget']`.
     """
     from .train import evaluate, fit, seed_everything
     sc = get_scale(scale)
@@ -143,7 +145,7 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
     m.ctx = Context(example_inputs=x, train_loader=data.train,
                     calib_loader=getattr(data, "calib", None), device=device,
                     epochs=sc.reg_epochs, lr=sc.reg_lr, weight_decay=sc.weight_decay,
-                    schedule=sc.schedule, quiet=quiet)
+                    schedule=sc.schedule, quiet=quiet, extra={"budget": budget})
     t = time.time()
     work = m.attach(work, groups)
     work = m.regularize(work, m.ctx)

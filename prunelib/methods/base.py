@@ -66,6 +66,7 @@ class Context:
     train_loader:   iterable of (x, y) batches for the regularization phase.
     calib_loader:   held-out training batches (EagleEye's adaptive BN, GBN's scores).
     epochs, lr, weight_decay, momentum: the regularization-phase schedule.
+    extra:          anything else; the pipeline puts the Budget under 'budget'.
     """
     example_inputs: torch.Tensor
     train_loader: Any = None

@@ -179,3 +179,9 @@ def test_cli_writes_student_file_and_check_exit_status(tmp_path):
     r = subprocess.run([sys.executable, tool, str(bad), "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and not (out / bad.name).exists()
+
+
+@pytest.mark.parametrize("chapter", ms.chapters(ROOT / "book"), ids=lambda p: p.name)
+def test_book_chapter_follows_the_exercise_convention(chapter):
+    # (a)-(d) of tools/make_student.py on the real chapter, exercises executed in isolation
+    assert ms.check_chapter(chapter) == []

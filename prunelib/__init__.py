@@ -8,7 +8,8 @@
 from .graph import ChannelGroup, Member, UnsupportedOpError, channel_groups, register_op
 from .measure import count, latency
 from .surgery import load_pruned, remove_channels, save_pruned
+from . import methods  # noqa: E402  (registers every method)
 
 __version__ = "0.1.0"
 __all__ = ["ChannelGroup", "Member", "UnsupportedOpError", "channel_groups", "register_op",
-           "count", "latency", "remove_channels", "save_pruned", "load_pruned"]
+           "count", "latency", "remove_channels", "save_pruned", "load_pruned", "methods"]

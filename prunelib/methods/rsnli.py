@@ -16,7 +16,7 @@ Warm-up     rho_warmup (1e-3) for the first `warmup` fraction of the steps, then
 lambda_l    per-channel cost; 'memory' = the official code's default ("memory" priority):
             (H_out W_out + k_h k_w C_in) / P of the producing conv plus sum over consumers of
             (C_out k_h k_w) / P, P = input pixels; 'uniform' = 1.
-gamma-W     rescaling trick (paper Sec. 4.3): gamma, beta *= alpha and the consuming weights
+gamma-W     rescaling trick (paper): gamma, beta *= alpha and the consuming weights
             /= alpha leaves a BN -> ReLU -> conv path unchanged but changes how fast ISTA
             sparsifies; undone in `finish`. alpha = 1 (off) by default: the official code has no
             such step, and the paper's values are not verified here.

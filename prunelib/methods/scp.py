@@ -52,8 +52,8 @@ from .rsnli import bn_channels, decisive_bn, relu_after_bn
 
 @register("scp")
 class SoftChannelPruning(Method):
-    """Relaxed-Bernoulli masks with keep probability Phi((beta - eps)/|gamma|) on BN+ReLU
-    channels, lam * expected active channels, remove channels likely off (module docstring)."""
+    """Channel masks from P_off = Phi((eps - beta)/|gamma|) on BN+ReLU (soft 1 - P_off, or
+    Concrete samples), lam * expected active channels, remove likely-off channels."""
     residual = "internal"
 
     def __init__(self, lam: float = 1e-3, eps: float = 0.0, temperature: float = 0.5,

@@ -732,13 +732,22 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
 def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """Trace `model` on `example_inputs` (a tensor or tuple) and return its channel groups.
 
-    The model is run once (in its current train/eval mode, without gradients). Every group holds
-    a reference to `model`, which `ChannelGroup.zero_` acts on by default.
+    The model is run once (in its current train/eval mode, without gradients) and left as it
+    was: buffers (BatchNorm running statistics, counters) are restored afterwards and the global
+    random state is forked, so tracing a model in training mode does not overwrite its
+    statistics with those of `example_inputs`. Every group holds a reference to `model`, which
+    `ChannelGroup.zero_` acts on by default.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     tracer = _Tracer(model, tuple(inputs))
-    with torch.no_grad():
-        tracer.run()
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    devices = sorted({b.device.index or 0 for b in saved.values() if b.is_cuda})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        try:
+            tracer.run()
+        finally:
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
     traced = {k[0] for k in tracer.slots}
     untraced = [n for n, m in model.named_modules()
                 if n and not list(m.children()) and any(True for _ in m.parameters(False))

@@ -137,3 +137,17 @@ def test_zero_sets_producers_only(device):
     assert model.layer1[0].bn1.weight[[0, 3]].abs().sum() == 0
     assert model.layer1[0].bn1.weight[1] != 0
     assert model.layer1[0].conv2.weight[:, [0, 3]].abs().sum() > 0       # consumers kept
+
+
+def test_tracing_in_train_mode_leaves_bn_statistics_and_rng_untouched():
+    model = get_model("resnet20").train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x = torch.randn(4, 3, 32, 32) * 5 + 3          # statistics far from the model's
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    pl.channel_groups(model, x)
+    assert torch.equal(torch.rand(3), expected)    # the global random state is not consumed
+    assert model.training
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n

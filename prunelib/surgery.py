@@ -112,14 +112,24 @@ def load_pruned(dense: nn.Module, path: str | Path, map_location: str | torch.de
                 ) -> tuple[nn.Module, dict]:
     """Shrink `dense` (a freshly built dense architecture) to the saved shapes and load weights.
 
-    Returns (model, meta). Loads with torch.load(weights_only=True).
+    Parameters that the dense model has as None (a conv bias created by RSNLI's folding) are
+    created. Returns (model, meta). Loads with torch.load(weights_only=True).
     """
     blob = torch.load(path, map_location=map_location, weights_only=True)
     for name, shape in blob["shapes"].items():
         module, _, attr = name.rpartition(".")
         mod = dense.get_submodule(module)
-        t = getattr(mod, attr)
-        if list(t.shape) != list(shape):
+        t = getattr(mod, attr, None)
+        new = dict(dtype=blob["state_dict"][name].dtype,
+                   device=next((p.device for p in mod.parameters()), "cpu"))
+        if t is None and attr in mod._parameters:      # e.g. a bias created by folding
+            mod.register_parameter(attr, nn.Parameter(torch.empty(shape, **new)))
+        elif t is None and attr in mod._buffers:
+            mod.register_buffer(attr, torch.empty(shape, **new))
+        elif t is None:
+            raise KeyError(f"{path}: the saved model has '{name}', which {type(dense).__name__} "
+                           "does not define; build the same architecture as the saved one")
+        elif list(t.shape) != list(shape):
             _set_tensor(mod, attr, torch.empty(shape, dtype=t.dtype, device=t.device))
     for name, a in blob["attrs"].items():
         mod = dense.get_submodule(name)

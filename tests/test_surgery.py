@@ -110,3 +110,23 @@ def test_save_and_load_pruned_model_without_code(tmp_path):
     with torch.no_grad():
         assert torch.allclose(small(x), loaded.eval()(x), atol=1e-6)
     assert pl.count(loaded, x) == pl.count(small, x)
+
+
+def test_load_pruned_recreates_a_bias_added_after_construction(tmp_path):
+    model = get_model("resnet20").eval()                  # convs have bias=None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():                                 # what RSNLI's folding can do
+        model.layer1[0].conv2.bias = torch.nn.Parameter(torch.randn(16))
+    pl.save_pruned(model, tmp_path / "b.pt")
+    loaded, _ = pl.load_pruned(get_model("resnet20"), tmp_path / "b.pt")
+    assert loaded.layer1[0].conv2.bias is not None
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded.eval()(x), atol=1e-6)
+
+
+def test_load_pruned_refuses_a_tensor_the_architecture_lacks(tmp_path):
+    model = get_model("resnet20")
+    model.fc.register_buffer("extra", torch.zeros(3))
+    pl.save_pruned(model, tmp_path / "e.pt")
+    with pytest.raises(KeyError, match="does not define"):
+        pl.load_pruned(get_model("resnet20"), tmp_path / "e.pt")

@@ -30,7 +30,7 @@ from torch import nn
 __all__ = ["seed_everything", "default_device", "evaluate", "fit", "lr_factor",
            "save_checkpoint", "load_checkpoint"]
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "triangular")
 
 
 def seed_everything(seed: int) -> None:
@@ -96,16 +96,25 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
     return 100.0 * correct.item() / total
 
 
-def lr_factor(step: int, total: int, schedule: str = "cosine",
+def lr_factor(step: int, total: int, schedule: str | Callable[[int, int], float] = "cosine",
               milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1,
               warmup: int = 0) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based) of `total` steps.
 
     cosine: 0.5 (1 + cos(pi s / total)); step: gamma ** (number of milestones, given as
-    fractions of `total`, that are <= s / total); constant: 1. During the first `warmup`
-    steps the factor is additionally ramped linearly from 1/warmup to 1.
+    fractions of `total`, that are <= s / total); constant: 1; triangular: gamma + (1 - gamma)
+    (1 - |2 s / total - 1|), i.e. linear from gamma up to 1 at mid-run and back (Gate
+    Decorator's tock: 1e-3 -> 1e-2 -> 1e-3 with gamma = 0.1); a callable is called as
+    schedule(step, total). During the first `warmup` steps the factor is additionally ramped
+    linearly from 1/warmup to 1.
     """
-    if schedule == "cosine":
+    if callable(schedule):
+        f = float(schedule(step, total))
+        if not math.isfinite(f) or f < 0:
+            raise ValueError(f"schedule({step}, {total}) returned {f}; need a finite value >= 0")
+    elif schedule == "triangular":
+        f = gamma + (1.0 - gamma) * (1.0 - abs(2.0 * step / max(total, 1) - 1.0))
+    elif schedule == "cosine":
         f = 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
     elif schedule == "step":
         f = gamma ** sum(step >= m * total for m in milestones)
@@ -120,8 +129,8 @@ def lr_factor(step: int, total: int, schedule: str = "cosine",
 
 def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
         weight_decay: float = 5e-4, momentum: float = 0.9, nesterov: bool = True,
-        schedule: str = "cosine", milestones: tuple[float, ...] = (0.5, 0.75),
-        hooks: Any = None, device: str | torch.device | None = None, quiet: bool = False,
+        schedule: str | Callable[[int, int], float] = "cosine",
+        milestones: tuple[float, ...] = (0.5, 0.75), hooks: Any = None, device: str | torch.device | None = None, quiet: bool = False,
         distill_from: nn.Module | None = None, distill_T: float = 4.0,
         distill_alpha: float = 0.9, max_steps: int | None = None, warmup: float = 0.0,
         gamma: float = 0.1, sync_every: int = 20,
@@ -133,8 +142,9 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
         epochs: may be fractional: ``ceil(epochs * len(batches))`` optimizer steps in total
             (capped by `max_steps`); the loader is re-iterated as often as needed.
         lr, weight_decay, momentum, nesterov: SGD settings (Nesterov needs momentum > 0).
-        schedule: 'cosine' (to 0), 'step' (x `gamma` at each fraction in `milestones`) or
-            'constant'; applied per step, as a multiplier of every param group's own lr.
+        schedule: 'cosine' (to 0), 'step' (x `gamma` at each fraction in `milestones`),
+            'constant', 'triangular' (gamma -> 1 -> gamma) or a callable (step, total) ->
+            factor; applied per step, as a multiplier of every param group's own lr.
         warmup: epochs of linear lr warm-up at the start (0 = none).
         hooks: a `prunelib.methods.base.Method`-like object or None; supplies `param_groups`
             and `loss_term` / `after_backward` / `after_step` (order: module docstring).

@@ -127,12 +127,19 @@ def test_lr_factor_schedules() -> None:
     assert lr_factor(99, 100, "constant") == 1.0
     assert lr_factor(0, 100, "constant", warmup=10) == pytest.approx(0.1)
     assert lr_factor(9, 100, "constant", warmup=10) == 1.0
+    assert lr_factor(0, 100, "triangular") == pytest.approx(0.1)
+    assert lr_factor(50, 100, "triangular") == 1.0
+    assert lr_factor(75, 100, "triangular") == pytest.approx(0.55)
+    assert lr_factor(30, 100, lambda s, t: 1 - s / t) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="cosine"):
         lr_factor(0, 10, "linear")
+    with pytest.raises(ValueError, match="finite"):
+        lr_factor(0, 10, lambda s, t: float("nan"))
 
 
-@pytest.mark.parametrize("schedule,final", [("cosine", 0.0), ("step", 0.01), ("constant", 1.0)])
-def test_fit_applies_schedule_per_step(schedule: str, final: float) -> None:
+@pytest.mark.parametrize("schedule,final", [("cosine", 0.0), ("step", 0.01), ("constant", 1.0),
+                                            ("triangular", 0.1), (lambda s, t: 0.5, 0.5)])
+def test_fit_applies_schedule_per_step(schedule, final: float) -> None:
     x, y = blobs(n=40)
     h = fit(nn.Linear(8, 4), Loader(x, y, 4), epochs=2, lr=0.2, schedule=schedule, quiet=True)
     assert h["lr"] == pytest.approx(0.2 * final, abs=1e-12)

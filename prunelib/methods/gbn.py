@@ -26,9 +26,8 @@ Defaults    official ResNet-56: p = 0.002 of the remaining filters per tick, lam
             1 epoch at 1e-3, weight decay 5e-4, momentum 0.9. prunelib fits the whole tick-tock
             schedule into the regularization phase of `ctx.epochs`: half of it in ticks (as the
             official 10 x 1-epoch ticks per 10-epoch tock), `rounds` tocks after the initial one,
-            tocks at ctx.lr (the official lr_max) with the pipeline's schedule and a linear
-            warm-up over their first half (fit has no triangular schedule), ticks at
-            lr_min = ctx.lr / 10. With a MACs target (`target_macs`, else ctx.extra['budget'])
+            tocks with the official triangular lr ctx.lr / 10 -> ctx.lr -> ctx.lr / 10 (ctx.lr
+            is the official lr_max), ticks at lr_min = ctx.lr / 10. With a MACs target (`target_macs`, else ctx.extra['budget'])
             and p=None, p is recomputed before every tick so that the target is reached within
             the ticks left: p = 1.1 * (1 - (1 - f)^(1 / ticks_left)), f the share of the
             remaining filters that a one-shot ranking by the current scores removes to meet the
@@ -232,8 +231,8 @@ class GateDecorator(Method):
 
     def _tock(self, model: nn.Module, ctx: Context, epochs: float, kw: dict) -> None:
         if epochs > 0:
-            fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr, schedule=ctx.schedule,
-                warmup=epochs / 2, **kw)
+            fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr, schedule="triangular",
+                gamma=0.1, **kw)
 
     def _tick(self, model: nn.Module, ctx: Context, epochs: float, kw: dict) -> None:
         convs = [p for mod in model.modules() if isinstance(mod, nn.modules.conv._ConvNd)

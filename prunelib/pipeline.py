@@ -14,8 +14,8 @@ every phase, the method's hyperparameters, torch version and device.
 
 Scales (every knob in one place, `SCALES`): 'quick' is minutes on a 2-core CPU (a 10k-image
 class-balanced training subset, 2 + 2 epochs from the committed baseline; a model without a
-committed or cached baseline gets a weak 15-epoch one on that subset, said in the log); 'full' is the
-papers' schedule for a GPU (full training set, 160 epochs of sparse training and 160 of
+committed or cached baseline gets a weak 15-epoch one on that subset, said in the log); 'full' is
+the papers' schedule for a GPU (full training set, 160 epochs of sparse training and 160 of
 fine-tuning, lr 0.1 with steps at 50% / 75%, as NS's official code).
 """
 from __future__ import annotations

@@ -7,6 +7,7 @@ Three rules, all global over the groups a method scores (higher score = more imp
   Budget(percent=p)    remove the fraction p of all scored channels with the lowest scores
                        (NS's global percentile);
   Budget(threshold=t)  remove every channel whose score is <= t.
+`MacModel` predicts the MACs of many removal counts at once (EagleEye's candidates, GBN's ticks).
 A per-group guard always keeps max(min_channels, ceil(min_keep * size)) channels (the
 highest-scoring ones), so no layer is emptied (NS's known crash).
 """
@@ -40,6 +41,38 @@ class Budget:
                              "in (0, 1]")
         if self.percent is not None and not 0 <= self.percent < 1:
             raise ValueError(f"Budget(percent={self.percent}) must be in [0, 1)")
+
+
+class MacModel:
+    """MACs after removing n_g channels of every group g, vectorized over many strategies.
+
+    Uses the factored per-layer cost a * d0 * d1 of `measure.layer_macs`: removing a channel
+    of a group lowers d0 (output rows) or d1 (input slices) of every layer it touches.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], example_inputs: Any):
+        layers = layer_macs(model, example_inputs)
+        names = list(layers)
+        col = {n: i for i, n in enumerate(names)}
+        self.a = torch.tensor([float(layers[n][1]) for n in names], dtype=torch.float64)
+        self.d = torch.tensor([[layers[n][2], layers[n][3]] for n in names],
+                              dtype=torch.float64).reshape(-1)
+        self.dense = float(sum(layers[n][0] for n in names))
+        inc = torch.zeros(len(groups), len(names), 2, dtype=torch.float64)
+        for g in groups:
+            for m in g.members:
+                if m.param == "weight" and m.module in col and m.dim in (0, 1):
+                    inc[g.index, col[m.module], m.dim] += m.idx.shape[1]
+        self.inc = inc.reshape(len(groups), -1)
+
+    def macs(self, removed: torch.Tensor) -> torch.Tensor:
+        """MACs for `removed` (..., n_groups) channels removed per group."""
+        d = self.d - removed.to(torch.float64) @ self.inc
+        d = d.reshape(*d.shape[:-1], -1, 2)
+        return (self.a * d[..., 0] * d[..., 1]).sum(-1)
+
+    def ratio(self, removed: torch.Tensor) -> torch.Tensor:
+        return self.macs(removed) / self.dense
 
 
 def min_keep_count(size: int, min_keep: float, min_channels: int) -> int:

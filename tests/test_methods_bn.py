@@ -14,7 +14,8 @@ from prunelib import pipeline
 from prunelib.data import Batches
 from prunelib.methods import get
 from prunelib.methods.base import Context
-from prunelib.methods.eagleeye import MacModel, adaptive_bn
+from prunelib.methods.eagleeye import adaptive_bn
+from prunelib.select import MacModel
 from prunelib.methods.pr import valley_threshold
 from prunelib.methods.rsnli import channel_cost
 from prunelib.models import get_model

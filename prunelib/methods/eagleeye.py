@@ -34,44 +34,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..graph import ChannelGroup
-from ..measure import layer_macs
-from ..select import Budget, min_keep_count
+from ..select import Budget, MacModel, min_keep_count
 from ..surgery import remove_channels
 from ..train import evaluate
 from .base import Context, Method, register
-
-
-class MacModel:
-    """MACs after removing n_g channels of every group g, vectorized over many strategies.
-
-    Uses the factored per-layer cost a * d0 * d1 of `measure.layer_macs`: removing a channel
-    of a group lowers d0 (output rows) or d1 (input slices) of every layer it touches.
-    """
-
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], example_inputs: Any):
-        layers = layer_macs(model, example_inputs)
-        names = list(layers)
-        col = {n: i for i, n in enumerate(names)}
-        self.a = torch.tensor([float(layers[n][1]) for n in names], dtype=torch.float64)
-        self.d = torch.tensor([[layers[n][2], layers[n][3]] for n in names],
-                              dtype=torch.float64).reshape(-1)
-        self.dense = float(sum(layers[n][0] for n in names))
-        inc = torch.zeros(len(groups), len(names), 2, dtype=torch.float64)
-        for g in groups:
-            for m in g.members:
-                if m.param == "weight" and m.module in col and m.dim in (0, 1):
-                    inc[g.index, col[m.module], m.dim] += m.idx.shape[1]
-        self.inc = inc.reshape(len(groups), -1)
-
-    def macs(self, removed: torch.Tensor) -> torch.Tensor:
-        """MACs for `removed` (..., n_groups) channels removed per group."""
-        d = self.d - removed.to(torch.float64) @ self.inc
-        d = d.reshape(*d.shape[:-1], -1, 2)
-        return (self.a * d[..., 0] * d[..., 1]).sum(-1)
-
-    def ratio(self, removed: torch.Tensor) -> torch.Tensor:
-        return self.macs(removed) / self.dense
 
 
 @torch.no_grad()

@@ -27,11 +27,12 @@ Defaults    official ResNet-56: p = 0.002 of the remaining filters per tick, lam
             schedule into the regularization phase of `ctx.epochs`: half of it in ticks (as the
             official 10 x 1-epoch ticks per 10-epoch tock), `rounds` tocks after the initial one,
             tocks with the official triangular lr ctx.lr / 10 -> ctx.lr -> ctx.lr / 10 (ctx.lr
-            is the official lr_max), ticks at lr_min = ctx.lr / 10. With a MACs target (`target_macs`, else ctx.extra['budget'])
-            and p=None, p is recomputed before every tick so that the target is reached within
-            the ticks left: p = 1.1 * (1 - (1 - f)^(1 / ticks_left)), f the share of the
-            remaining filters that a one-shot ranking by the current scores removes to meet the
-            target (capped at 0.5); without a target, the official p = 0.002.
+            is the official lr_max), ticks at lr_min = ctx.lr / 10. With a MACs target
+            (`target_macs`, else ctx.extra['budget']) and p=None, p is recomputed before every
+            tick so that the target is reached within the ticks left:
+            p = 1.1 * (1 - (1 - f)^(1 / ticks_left)), f the share of the remaining filters that
+            a one-shot ranking by the current scores removes to meet the target (capped at 0.5);
+            without a target, the official p = 0.002.
 Decision    tick-tock until the MACs target, then remove the masked channels
             (`finish(model, None)`); with a Budget, masked channels go first and the rest by
             Theta (|phi| if no tick ran) until the budget is met.
@@ -45,11 +46,10 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGroup
-from ..select import Budget, select_keep
+from ..select import Budget, MacModel, select_keep
 from ..surgery import remove_channels
 from ..train import fit
 from .base import Context, Method, register
-from .eagleeye import MacModel
 
 
 @register("gbn")

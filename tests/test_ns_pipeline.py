@@ -99,3 +99,13 @@ def test_cli_run_writes_json(tmp_path, monkeypatch, data_root):
     assert set(res["seconds"]) >= {"regularize", "remove", "finetune"}
     small, meta = pl.load_pruned(get_model("resnet20"), tmp_path / "p.pt")
     assert pl.count(small, torch.randn(1, 3, 32, 32))[0] == res["pruned"]["macs"]
+
+
+def test_finish_without_budget_is_refused_for_a_ranking_method():
+    model = get_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    ns = methods.get("ns")
+    ns.ctx = methods.base.Context(example_inputs=x)
+    ns.attach(model, pl.channel_groups(model, x))
+    with pytest.raises(ValueError, match="pass a Budget"):
+        ns.finish(model, None)

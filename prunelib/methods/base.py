@@ -135,8 +135,15 @@ class Method(ABC):
             hooks=self, device=ctx.device, quiet=ctx.quiet)
         return model
 
-    def finish(self, model: nn.Module, budget: Budget) -> nn.Module:
-        """Default decision rule: rank `scores` under `budget`, then remove the channels."""
+    def finish(self, model: nn.Module, budget: Budget | None) -> nn.Module:
+        """Default decision rule: rank `scores` under `budget`, then remove the channels.
+
+        Methods with a decision rule of their own (RSNLI's zeros, PR's valley, SCP's P_off,
+        GBN's masks, OTO's zero groups) accept budget=None; the default rule needs a Budget.
+        """
+        if budget is None:
+            raise ValueError(f"{type(self).__name__} has no decision rule of its own: pass a "
+                             "Budget (e.g. Budget(macs=0.5)) to finish()")
         keep = self.select(model, budget)
         return remove_channels(model, self.all_groups, keep)
 

@@ -116,12 +116,15 @@ def make_method(method: str | Method, **hparams: Any) -> Method:
 def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
         scale: str | Scale = "quick", device: str | torch.device | None = None,
         quiet: bool = True, seed: int = 0, example_inputs: torch.Tensor | None = None,
-        measure_latency: bool = True, **overrides: Any) -> tuple[nn.Module, dict]:
+        measure_latency: bool = True, dense_accuracy: float | None = None,
+        **overrides: Any) -> tuple[nn.Module, dict]:
     """Prune a copy of `model` with `method` under `budget`; return (pruned model, result).
 
     `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods that plan
     their sparse phase around the target (GBN's tick-tock, GREG's preset pruned set) read it
-    from `method.ctx.extra['budget']`.
+    from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already measured it on
+    `data.test`, skips that evaluation. `result['widths']` gives the output channels of every
+    conv / linear layer of the pruned model, `result['dense_widths']` those of the baseline.
     """
     from .train import evaluate, fit, seed_everything
     sc = get_scale(scale)
@@ -138,7 +141,8 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
                            "torch": torch.__version__, "device": str(device), "seconds": {}}
     macs0, params0 = count(dense, x)
     t = time.time()
-    acc0 = evaluate(dense, data.test, device=device)
+    acc0 = (evaluate(dense, data.test, device=device) if dense_accuracy is None
+            else float(dense_accuracy))
     res["seconds"]["evaluate"] = time.time() - t
     work = copy.deepcopy(dense)
     groups = channel_groups(work, x)
@@ -168,9 +172,16 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
     res["accuracy"] = {"dense": acc0, "regularized": acc_reg, "removed": acc_rm,
                        "finetuned": acc_ft}
     res["hparams"] = m.hparams()
+    res["dense_widths"], res["widths"] = widths(dense), widths(pruned)
     if measure_latency:
         res["latency"] = latency_table(dense, pruned, device)
     return pruned.eval(), res
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear layer, by module name."""
+    return {n: int(mod.weight.shape[0]) for n, mod in model.named_modules()
+            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))}
 
 
 def latency_table(dense: nn.Module, pruned: nn.Module, device: str | torch.device,

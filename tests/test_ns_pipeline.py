@@ -78,6 +78,15 @@ def test_pipeline_meets_the_macs_target_and_reports_every_phase(name, device):
     assert set(res["accuracy"]) == {"dense", "regularized", "removed", "finetuned"}
     assert pl.count(pruned, torch.randn(1, 3, 32, 32, device=device))[0] == res["pruned"]["macs"]
     assert next(model.parameters()).shape == (16, 3, 3, 3)          # the input is untouched
+    assert res["dense_widths"]["layer1.0.conv1"] == 16 and res["widths"]["fc"] == 10
+    assert sum(res["widths"].values()) < sum(res["dense_widths"].values())
+    assert res["widths"]["layer3.0.conv1"] == pruned.layer3[0].conv1.out_channels
+
+
+def test_pipeline_takes_a_known_dense_accuracy():
+    _, res = run("l1", get_model("resnet20"), Tiny(), Budget(macs=0.7), reg_epochs=0,
+                 ft_epochs=0, measure_latency=False, dense_accuracy=91.5)
+    assert res["accuracy"]["dense"] == 91.5 == res["dense"]["accuracy"]
 
 
 def test_cli_run_writes_json(tmp_path, monkeypatch, data_root):

@@ -1,4 +1,8 @@
 """MAC counting against torch's FlopCounterMode; budgets against brute-force counts."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -76,3 +80,13 @@ def test_budget_needs_exactly_one_rule():
         Budget(macs=0.5, percent=0.5)
     with pytest.raises(ValueError):
         Budget(macs=1.5)
+
+
+@pytest.mark.parametrize("value,expect", [("1", "1"), ("0", "positive integer"),
+                                          ("two", "positive integer")])
+def test_prunelib_threads_env_switch(value, expect):
+    env = {**os.environ, "PRUNELIB_THREADS": value}
+    proc = subprocess.run([sys.executable, "-c", "import prunelib, torch; "
+                           "print(torch.get_num_threads())"], env=env, capture_output=True,
+                          text=True)
+    assert expect in (proc.stdout + proc.stderr)

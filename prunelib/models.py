@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "CifarResNet", "VGG", "MobileNetV2", "get_model", "MODELS",
+__all__ = ["BasicBlock", "ChannelPad", "CifarResNet", "VGG", "MobileNetV2", "get_model", "MODELS",
            "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16", "vgg19",
            "mobilenetv2"]
 
@@ -62,11 +62,32 @@ def _kaiming_init(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------
 # ResNet for CIFAR
 # ------------------------------------------------------------------------------------------
+class ChannelPad(nn.Module):
+    """Zero-pad the channel dim (dim 1) of an NCHW tensor: ``left`` channels before, ``right``
+    after. No parameters.
+
+    `prunelib.channel_groups` treats the padded positions as channels of their own (prunable,
+    unlike a literal ``F.pad``), and `remove_channels` lowers ``left`` / ``right`` when they are
+    removed.
+    """
+
+    def __init__(self, left: int, right: int) -> None:
+        super().__init__()
+        self.left, self.right = int(left), int(right)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, 0, self.left, self.right))
+
+    def extra_repr(self) -> str:
+        return f"left={self.left}, right={self.right}"
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or width-changing) shortcut, ReLU after the add.
 
     ``shortcut='A'``: when stride or width changes, the shortcut is ``x[:, :, ::2, ::2]``
-    zero-padded with ``(planes - in_planes) // 2`` channels on each side (no parameters).
+    zero-padded by ``self.pad``, a `ChannelPad` with ``(planes - in_planes) // 2`` channels on
+    each side (no parameters; pruning the padded channels narrows it).
     ``shortcut='B'``: a 1x1 conv (stride ``stride``) + BN projection in ``self.downsample``.
     """
     expansion = 1
@@ -80,24 +101,25 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut_type = shortcut
         self.needs_shortcut = stride != 1 or in_planes != planes
-        self.pad = (planes - in_planes) // 2
         self.stride = stride
         self.downsample: nn.Module | None = None
+        self.pad: ChannelPad | None = None
         if self.needs_shortcut and shortcut == "B":
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        elif self.needs_shortcut and shortcut == "A" and (planes - in_planes) % 2:
-            raise ValueError(f"option-A shortcut needs an even width increase, "
-                             f"got {in_planes} -> {planes}")
+        elif self.needs_shortcut:
+            if (planes - in_planes) % 2:
+                raise ValueError(f"option-A shortcut needs an even width increase, "
+                                 f"got {in_planes} -> {planes}")
+            self.pad = ChannelPad((planes - in_planes) // 2, (planes - in_planes) // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             sc = self.downsample(x)
-        elif self.needs_shortcut:   # option A; a Python attribute, not a tensor: fx-traceable
-            sc = F.pad(x[:, :, ::self.stride, ::self.stride],
-                       (0, 0, 0, 0, self.pad, self.pad))
+        elif self.pad is not None:                              # option A
+            sc = self.pad(x[:, :, ::self.stride, ::self.stride])
         else:
             sc = x
         return F.relu(out + sc)

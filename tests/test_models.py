@@ -3,6 +3,7 @@ the option-A shortcut, and errors."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_option_a_shortcut_is_subsample_and_zero_pad() -> None:
     assert torch.all(y[:, :8] == 0) and torch.all(y[:, 24:] == 0)
     torch.testing.assert_close(y[:, 8:24], F.relu(x[:, :, ::2, ::2]))
     assert sum(p.numel() for n, p in blk.named_parameters() if "downsample" in n) == 0
+
+
+def test_option_a_pad_is_a_parameter_free_module_and_checkpoints_still_load() -> None:
+    m = get_model("resnet20")
+    assert isinstance(m.layer2[0].pad, models.ChannelPad) and m.layer2[1].pad is None
+    assert (m.layer3[0].pad.left, m.layer3[0].pad.right) == (16, 16)
+    assert not any("pad" in k for k in m.state_dict())
+    baseline = Path(models.__file__).resolve().parents[1] / "book" / "baselines"
+    if (baseline / "resnet20_cifar10.pt").exists():          # the committed dense baseline
+        ckpt = torch.load(baseline / "resnet20_cifar10.pt", weights_only=True)
+        m.load_state_dict(ckpt["state_dict"])                # strict: same keys and shapes
 
 
 def test_option_b_shortcut_has_projection() -> None:

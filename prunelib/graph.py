@@ -14,6 +14,12 @@ consumer input slices ('in'), BN/affine gamma and beta and per-channel parameter
 running statistics and PReLU slopes ('stat', sliced but never zeroed). A `ChannelGroup` is a set
 of classes that touch exactly the same slots; channel k of the group is one class.
 
+Zero padding along channels comes in two kinds. A literal `F.pad` pads by the same amount in the
+pruned model, so its padded positions get a frozen id (whatever they are added to must stay). A
+`prunelib.models.ChannelPad` module (the option-A shortcut) is a leaf: each padded position is a
+new channel of its own, and its group gets a member with role 'pad' (param 'pad'; slot position
+p < left is the left side, the others the right side) so that `remove_channels` narrows the pad.
+
 Channels that reach the network output, come from its input, pass through a normalization over
 channels (LayerNorm, GroupNorm, softmax) or a channel-mixing op (matmul, einsum), or reach a
 consumer through an op with f(0) != 0 (sigmoid, ...) are frozen: never in a group. An op we do not
@@ -31,7 +37,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-ROLES = ("out", "in", "affine", "stat")
+from .models import ChannelPad
+
+ROLES = ("out", "in", "affine", "stat", "pad")
 
 
 class UnsupportedOpError(RuntimeError):
@@ -91,7 +99,7 @@ _MODULE_OPS: dict[type, str] = {
 def register_op(target: Any, kind: str) -> None:
     """Tell `channel_groups` what an op does: kind in zero/unsafe/move/chan/mix (see above).
 
-    `target` is a function/method name (str) or an nn.Module subclass (treated as a leaf).
+    `target` is a function/method name (str) or an nn.Module subclass (traced as a leaf).
     """
     if kind not in ("zero", "unsafe", "move", "chan", "mix"):
         raise ValueError(f"unknown op kind {kind!r}")
@@ -109,10 +117,12 @@ class Member:
     param: str           # attribute name: 'weight', 'bias', 'running_mean', ...
     dim: int             # the dimension indexed by channels
     idx: torch.Tensor    # LongTensor (size, m); m > 1 after flatten (H*W) or grouped convs
-    role: str            # 'out' | 'in' | 'affine' | 'stat'
+    role: str            # 'out' | 'in' | 'affine' | 'stat' | 'pad' (positions of a ChannelPad)
     kind: str            # class name of the module, e.g. 'Conv2d', 'BatchNorm2d'
 
     def tensor(self, model: nn.Module) -> torch.Tensor:
+        if self.role == "pad":
+            raise TypeError(f"{self.module}: a 'pad' member (ChannelPad) has no tensor")
         return getattr(model.get_submodule(self.module), self.param)
 
     def __repr__(self) -> str:
@@ -176,11 +186,20 @@ class ChannelGroup:
             seen = list(dict.fromkeys(m.module or "<root>" for m in self.by_role(role)))
             return ", ".join(seen[:6]) + (f", +{len(seen) - 6}" if len(seen) > 6 else "")
         kind = "coupled" if self.coupled else "internal"
+        pad = f"; pad: {names('pad')}" if self.by_role("pad") else ""
         return (f"ChannelGroup(#{self.index}, {self.size} ch, {kind}; out: {names('out')}; "
-                f"affine: {names('affine')}; in: {names('in')})")
+                f"affine: {names('affine')}; in: {names('in')}{pad})")
 
 
 # --- tracing --------------------------------------------------------------------------------------
+class _LeafTracer(fx.Tracer):
+    """torch.fx tracer that keeps ChannelPad and the modules given to `register_op` as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (isinstance(m, ChannelPad) or type(m) in _MODULE_OPS
+                or super().is_leaf_module(m, qualname))
+
+
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -279,7 +298,7 @@ class _Tracer:
 
     # handlers ------------------------------------------------------------------------------------
     def run(self) -> None:
-        gm = fx.symbolic_trace(self.model)
+        gm = fx.GraphModule(self.model, _LeafTracer().trace(self.model))
         self.gm = gm
         last_use: dict[fx.Node, fx.Node] = {}
         for node in gm.graph.nodes:
@@ -575,6 +594,8 @@ class _Tracer:
                 self.slot(name, "running_var", 0, ids, "stat", kind)
             code = self.fresh_like(ids, real, 1)
             return code if mod.affine else _enc(_ids(code), False)   # (x - mu) / sigma != 0
+        if isinstance(mod, ChannelPad):
+            return self.channel_pad(name, mod, x, real)
         if isinstance(mod, nn.PReLU):
             if mod.num_parameters > 1:
                 ids, _ = self.per_channel(x, 1, freeze_unsafe=False)
@@ -607,6 +628,22 @@ class _Tracer:
         if mod.bias is not None:
             self.slot(name, "bias", 0, out, "out", kind)
         return self.fresh_like(out, real, 1)
+
+    def channel_pad(self, name: str, mod: ChannelPad, x: torch.Tensor,
+                    real: torch.Tensor) -> torch.Tensor:
+        """Codes of a ChannelPad output: each padded position is a new channel (zero: safe).
+
+        Its slot ('pad') lists the left positions first: slot position p < left is the left side.
+        """
+        new = self.uf.new(mod.left + mod.right)
+        self.slot(name, "pad", 1, new, "pad", type(mod).__name__)
+        x = _squeeze_broadcast(x, keep=1)
+        shape = [1] * x.dim()
+        shape[1] = -1
+        pad = _enc(torch.from_numpy(new).reshape(shape), True)
+        parts = [pad[:, :mod.left], x, pad[:, mod.left:]]
+        n, _, *rest = real.shape
+        return _compress(torch.cat([p.expand(n, p.shape[1], *rest) for p in parts], 1))
 
     def fresh_like(self, ids: np.ndarray, real: torch.Tensor, dim: int) -> torch.Tensor:
         """Codes of an output whose positions along `dim` carry `ids` (safe: zeroed producer)."""

@@ -2,7 +2,9 @@
 
 `remove_channels(model, groups, keep)` copies the model and, for every member of every group,
 keeps only the positions of the kept channels (`index_select` along the member's dim), then fixes
-the layer attributes (in/out channels, groups of depthwise convs, num_features, ...).
+the layer attributes (in/out channels, groups of depthwise convs, num_features, ...). A 'pad'
+member (a `ChannelPad`, the option-A shortcut) has no tensor: its `left` / `right` widths drop by
+the number of removed padded positions on each side.
 
 Invariant (tests/test_surgery.py, every supported model): if the removed channels' producers were
 zeroed first (`ChannelGroup.zero_`), the eval-mode output of the smaller model equals the output
@@ -23,9 +25,10 @@ import torch
 from torch import nn
 
 from .graph import ChannelGroup
+from .models import ChannelPad
 
 _ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features",
-          "num_features", "num_parameters")
+          "num_features", "num_parameters", "left", "right")
 
 
 def remove_channels(model: nn.Module, groups: list[ChannelGroup],
@@ -35,6 +38,7 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup],
     Groups not in `keep` keep all their channels. `model` itself is not changed.
     """
     drop: dict[tuple[str, str, int], list[torch.Tensor]] = {}
+    pads: dict[str, list[torch.Tensor]] = {}              # ChannelPad -> removed slot positions
     for i, kept in keep.items():
         if not 0 <= i < len(groups):
             raise IndexError(f"keep has group index {i}, but there are {len(groups)} groups")
@@ -49,8 +53,12 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup],
         if not mask.any():
             continue
         for m in g.members:
-            drop.setdefault((m.module, m.param, m.dim), []).append(m.idx[mask].reshape(-1))
+            parts = (pads.setdefault(m.module, []) if m.role == "pad"
+                     else drop.setdefault((m.module, m.param, m.dim), []))
+            parts.append(m.idx[mask].reshape(-1))
     small = copy.deepcopy(model)
+    for module, parts in pads.items():
+        _narrow_pad(small.get_submodule(module), torch.cat(parts))
     touched = set()
     for (module, param, dim), parts in drop.items():
         mod = small.get_submodule(module)
@@ -63,6 +71,13 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup],
     for module in touched:
         _fix_attrs(small.get_submodule(module))
     return small
+
+
+def _narrow_pad(mod: ChannelPad, gone: torch.Tensor) -> None:
+    """Remove padded positions `gone` of a ChannelPad (slot position p < left: left side)."""
+    gone = gone.unique()
+    n_left = int((gone < mod.left).sum())
+    mod.left, mod.right = mod.left - n_left, mod.right - (gone.numel() - n_left)
 
 
 def _set_tensor(mod: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -15,21 +15,55 @@ def names(g, role):
     return {m.module for m in g.by_role(role)}
 
 
-def test_resnet20_has_one_coupled_trunk_group_and_nine_internal():
+def test_resnet20_option_a_trunk_is_three_coupled_groups_and_nine_internal():
     groups = pl.channel_groups(get_model("resnet20").eval(), X32)
     coupled = [g for g in groups if g.coupled]
-    assert len(groups) == 10 and len(coupled) == 1
+    assert len(groups) == 12 and sorted(g.size for g in coupled) == [16, 16, 32]
     assert sorted(g.size for g in groups if not g.coupled) == [16] * 3 + [32] * 3 + [64] * 3
-    trunk = coupled[0]
-    # option A zero-pads the stage-1 trunk into the middle of stages 2 and 3: 16 channels
-    # span all stages; the padded positions are pinned (the pad width is a literal).
-    assert trunk.size == 16
-    assert {"conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.2.conv2"} <= names(trunk, "out")
-    pos = {m.module: m.idx[:, 0] for m in trunk.by_role("out")}
+    # option A zero-pads the stage-1 trunk into the middle of stages 2 and 3: those 16 channels
+    # span all stages. The padded positions are channels of their own (a ChannelPad is a leaf),
+    # written by the stage's first conv2 and prunable: 16 new in stage 2, 32 new in stage 3.
+    s1, s2, s3 = sorted(coupled, key=lambda g: g.index)
+    assert s1.size == 16 and not s1.by_role("pad")
+    assert {"conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.2.conv2"} <= names(s1, "out")
+    pos = {m.module: m.idx[:, 0] for m in s1.by_role("out")}
     assert torch.equal(pos["layer2.0.conv2"], torch.arange(8, 24))
     assert torch.equal(pos["layer3.0.conv2"], torch.arange(24, 40))
-    fc = next(m for m in trunk.by_role("in") if m.kind == "Linear")
+    fc = next(m for m in s1.by_role("in") if m.kind == "Linear")
     assert torch.equal(fc.idx[:, 0], torch.arange(24, 40))     # the classifier reads them too
+    assert len(s1.sources) == 10                               # stem + every block's conv2
+    pos2 = {m.module: m.idx[:, 0] for m in s2.by_role("out")}
+    assert torch.equal(pos2["layer2.0.conv2"], torch.cat([torch.arange(8), torch.arange(24, 32)]))
+    assert torch.equal(pos2["layer3.0.conv2"], torch.cat([torch.arange(16, 24),
+                                                          torch.arange(40, 48)]))
+    assert len(s2.sources) == 6 and len(s3.sources) == 3
+    (p2,), (p3,) = s2.by_role("pad"), s3.by_role("pad")
+    assert (p2.module, p2.kind, p3.module) == ("layer2.0.pad", "ChannelPad", "layer3.0.pad")
+    assert torch.equal(p2.idx[:, 0], torch.arange(16))         # slot: 8 left, then 8 right
+    pos3 = {m.module: m.idx[:, 0] for m in s3.by_role("out")}
+    assert torch.equal(pos3["layer3.0.conv2"], torch.cat([torch.arange(16), torch.arange(48, 64)]))
+
+
+def test_literal_channel_pad_freezes_the_padded_positions():
+    class Pad(nn.Module):                # a literal F.pad: the pruned model pads by the same
+        def __init__(self):              # amount, so what is added to the padding must stay
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(F.pad(self.a(x), (0, 0, 0, 0, 2, 2)) + self.b(x))
+
+    (g,) = [g for g in pl.channel_groups(Pad(), X32) if g.coupled]
+    assert g.size == 4 and not g.by_role("pad")
+    assert torch.equal(next(m for m in g.by_role("out") if m.module == "b").idx[:, 0],
+                       torch.arange(2, 6))
+
+
+def test_channel_pad_member_has_no_tensor():
+    model = get_model("resnet20")
+    pad = next(m for g in pl.channel_groups(model, X32) for m in g.by_role("pad"))
+    with pytest.raises(TypeError, match="no tensor"):
+        pad.tensor(model)
 
 
 def test_option_b_shortcut_gives_one_coupled_group_per_stage():

@@ -130,3 +130,35 @@ def test_load_pruned_refuses_a_tensor_the_architecture_lacks(tmp_path):
     pl.save_pruned(model, tmp_path / "e.pt")
     with pytest.raises(KeyError, match="does not define"):
         pl.load_pruned(get_model("resnet20"), tmp_path / "e.pt")
+
+
+def test_removing_option_a_padded_channels_narrows_the_pad(tmp_path):
+    model = get_model("resnet20")
+    randomize_bn(model, torch.Generator().manual_seed(0))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    groups = pl.channel_groups(model, x)
+    pad_group = {m.module: g for g in groups for m in g.by_role("pad")}
+    assert set(pad_group) == {"layer2.0.pad", "layer3.0.pad"}
+    gone = {"layer2.0.pad": [0, 2, 5, 12],                 # 3 of 8 left, 1 of 8 right
+            "layer3.0.pad": list(range(16))}               # every left one, no right one
+    keep = {}
+    for name, slots in gone.items():
+        g = pad_group[name]
+        (p,) = g.by_role("pad")
+        drop = torch.isin(p.idx[:, 0], torch.tensor(slots))
+        g.zero_(torch.nonzero(drop).flatten())
+        keep[g.index] = torch.nonzero(~drop).flatten()
+    small = pl.remove_channels(model, groups, keep).eval()
+    assert (small.layer2[0].pad.left, small.layer2[0].pad.right) == (5, 7)
+    assert (small.layer3[0].pad.left, small.layer3[0].pad.right) == (0, 16)
+    assert small.layer2[2].conv2.out_channels == 28 and small.fc.in_features == 44
+    assert (model.layer2[0].pad.left, model.layer3[0].pad.right) == (8, 16)   # original kept
+    with torch.no_grad():
+        y, y_small = model(x), small(x)
+    assert torch.allclose(y, y_small, atol=1e-5)
+    pl.save_pruned(small, tmp_path / "a.pt")
+    loaded, _ = pl.load_pruned(get_model("resnet20"), tmp_path / "a.pt")
+    assert (loaded.layer2[0].pad.left, loaded.layer2[0].pad.right) == (5, 7)
+    with torch.no_grad():
+        assert torch.allclose(small(x), loaded.eval()(x), atol=1e-6)

@@ -150,42 +150,56 @@ for g in groups20:
     print(g)
 
 # %% [markdown]
-# Only **one** coupled group, with 16 channels — yet the residual stream has 16, 32 and 64
-# channels in the three stages. The reason is the parameter-free **option-A shortcut** of the
-# CIFAR ResNets (He et al. 2016, Sec. 4.2): when a stage doubles the width, the shortcut
-# subsamples $x$ and **zero-pads** the new channels on both sides,
+# **Three** coupled groups, with 16, 16 and 32 channels, although the residual stream has 16,
+# 32 and 64 channels in the three stages. The reason is the parameter-free **option-A
+# shortcut** of the CIFAR ResNets (He et al. 2016, Sec. 4.2): when a stage doubles the width,
+# the shortcut subsamples $x$ and **zero-pads** the new channels on both sides,
 #
 # ```python
-# sc = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))     # pad = (planes - in_planes) // 2
+# sc = self.pad(x[:, :, ::2, ::2])    # ChannelPad: left = right = (planes - in_planes) // 2
 # ```
 #
 # so stage-1 channel $k$ becomes stage-2 channel $k + 8$, which becomes stage-3 channel
-# $k + 8 + 16 = k + 24$. The three stages' residual streams are one coupled group that runs
-# through the whole network. The padded channels (stage 2: $0..7$ and $24..31$; stage 3:
-# $0..23$ and $40..63$) are *frozen* in `prunelib`: the shortcut pads a fixed number of zero
-# channels on each side (`pad` is a constant of the block, not a tensor), so removing one of
-# them would shift the stream against the padding; they belong to no group and are never
-# pruned. Read it off the members:
+# $k + 8 + 16 = k + 24$: the stage-1 stream is one coupled group of 16 channels that runs
+# through the whole network. The padded positions are *new channels of the wider stage*: zero
+# in the shortcut, they are written by the stage's first `conv2` (and every later `conv2` of
+# the stage), and they are prunable like the rest of the trunk. Stage 2's new channels
+# ($0..7$ and $24..31$) continue into stage 3 at $16..23$ and $40..47$ and form the second
+# group; stage 3's new channels ($0..15$ and $48..63$) are the third. Removing a padded channel
+# removes it from every producer and consumer of its group *and* narrows the pad by one on its
+# side (`prunelib.models.ChannelPad` keeps `left` and `right` as attributes that the surgery
+# lowers; a literal `F.pad(x, (0, 0, 0, 0, 8, 8))` would pad by 8 in the pruned model too, so
+# `prunelib` freezes channels padded that way). Read it off the members:
 
 # %%
-trunk = next(g for g in groups20 if g.coupled)
+trunk, stage2, stage3 = sorted((g for g in groups20 if g.coupled), key=lambda g: g.index)
 rows = {m.module: m.idx[:, 0] for m in trunk.by_role("out") if m.param == "weight"}
 for name in ("conv1", "layer1.2.conv2", "layer2.0.conv2", "layer3.0.conv2", "layer3.2.conv2"):
     r = rows[name]
     print(f"{name:15s} writes trunk channels {int(r[0]):2d}..{int(r[-1]):2d} of its output")
-assert len([g for g in groups20 if g.coupled]) == 1 and trunk.size == 16
+rows2 = {m.module: m.idx[:, 0] for m in stage2.by_role("out") if m.param == "weight"}
+print("stage-2 new channels in layer2.0.conv2:", rows2["layer2.0.conv2"].tolist())
+print("                 and in layer3.0.conv2:", rows2["layer3.0.conv2"].tolist())
+print("their pad:", stage2.by_role("pad")[0], "=", resnet20.layer2[0].pad)
+assert [g.size for g in (trunk, stage2, stage3)] == [16, 16, 32]
 assert torch.equal(rows["conv1"], torch.arange(16))
 assert torch.equal(rows["layer2.0.conv2"], torch.arange(8, 24))      # k -> k + 8
 assert torch.equal(rows["layer3.0.conv2"], torch.arange(24, 40))     # k -> k + 24
+assert torch.equal(rows2["layer2.0.conv2"], torch.tensor([*range(8), *range(24, 32)]))
+assert torch.equal(rows2["layer3.0.conv2"], torch.tensor([*range(16, 24), *range(40, 48)]))
 assert len(trunk.sources) == 10                    # stem + the last conv of all 9 blocks
+assert len(stage2.sources) == 6 and len(stage3.sources) == 3     # the conv2s of stages 2-3
+_one = pl.remove_channels(resnet20, groups20, {stage2.index: torch.arange(1, 16)})
+assert (_one.layer2[0].pad.left, _one.layer2[0].pad.right) == (7, 8)    # channel 0: left side
 
 
 # %% [markdown]
 # How much of a network can be pruned at all, and how much of it is coupled? For each model we
 # count the groups, and the producer channels (conv / linear output rows) that are in an
-# internal group, in a coupled group, or in none (frozen: the classifier's outputs, the
-# option-A padding, ...). With a 1x1-conv projection shortcut (`shortcut='B'`) each stage's
-# stream is its own coupled group; torchvision's ResNet-18 has one coupled group per stage.
+# internal group, in a coupled group, or in none (frozen: the classifier's outputs, channels
+# cut by a literal slice or padded by a literal `F.pad`, ...). With a 1x1-conv projection
+# shortcut (`shortcut='B'`) each stage's stream is its own coupled group (16, 32, 64);
+# torchvision's ResNet-18 has one coupled group per stage.
 
 # %%
 def group_table(model: nn.Module, example: torch.Tensor) -> dict:
@@ -218,7 +232,8 @@ for name, t in tables.items():
     print(f"{name:22s} {t['groups']:6d} {t['coupled']:7d} {t['internal']:8d} | "
           f"{'':15s}{t['rows']:6d} {t['rows_internal']:8d} {t['rows_coupled']:7d} "
           f"{t['rows_frozen']:6d}")
-assert tables["resnet20 (option A)"]["coupled"] == 1
+assert tables["resnet20 (option A)"]["coupled"] == 3                  # stream 1 + new of 2, 3
+assert tables["resnet20 (option A)"]["rows_frozen"] == 10             # only the classifier
 assert tables["resnet20 (option B)"]["coupled"] == 3                  # one per stage
 assert tables["torchvision resnet18"]["coupled"] == 4                 # one per stage
 assert tables["vgg16"]["coupled"] == 0                                # no additions
@@ -343,7 +358,7 @@ for name, r in lat_rows.items():
 assert lat_rows["unstructured 50%"]["macs"] == d["macs"]                  # dense kernels
 assert abs(lat_rows["unstructured 50%"]["eff"] / d["eff"] - 0.5) < 0.02
 assert 0.45 < lat_rows["internal halves"]["macs"] / d["macs"] < 0.55     # both convs of a block
-assert 0.3 < lat_rows["all halves"]["macs"] / d["macs"] < 0.4            # frozen trunk channels
+assert 0.24 < lat_rows["all halves"]["macs"] / d["macs"] < 0.28          # every width halves
 assert all(r["ms1"] > 0 and r["ms64"] > 0 for r in lat_rows.values())
 
 # %%
@@ -363,16 +378,16 @@ plt.show()
 
 # %% [markdown]
 # Halving every internal group halves both convolutions of every block ($c_\text{out}$ of
-# `conv1`, $c_\text{in}$ of `conv2`): about 50% of the MACs. Halving the coupled trunk group as
-# well gets to about 35%, not the 25% that halving every width would give, because the option-A
-# padding freezes most trunk channels of stages 2 and 3 (Section 2). Unstructured zeros leave
-# the dense MAC count as it is. The measured speed-ups are smaller than the MAC ratios: a small
-# network on a CPU is partly bound by memory traffic, per-layer overheads and the layers that
-# do not shrink (BN, ReLU, additions are not in the MAC count). Latency depends on the device,
-# the batch size and the other programs running on the machine — read the numbers above as an
-# example, not as a property of the network (on a shared machine they can even invert). This
-# book reports MACs (one convention for every method) **and**
-# latency measured the same way for every method.
+# `conv1`, $c_\text{in}$ of `conv2`): about 50% of the MACs. Halving the three coupled trunk
+# groups as well halves every width of the network, so nearly every convolution loses half of
+# its input *and* half of its output channels: about 25% of the MACs (the stem keeps its 3
+# input channels). Unstructured zeros leave the dense MAC count as it is. The measured
+# speed-ups are smaller than the MAC ratios: a small network on a CPU is partly bound by memory
+# traffic, per-layer overheads and the layers that do not shrink (BN, ReLU, additions are not
+# in the MAC count). Latency depends on the device, the batch size and the other programs
+# running on the machine — read the numbers above as an example, not as a property of the
+# network (on a shared machine they can even invert). This book reports MACs (one convention
+# for every method) **and** latency measured the same way for every method.
 #
 # ## 4. The sparsity toolbox: subgradient, proximal, group, projection
 #
@@ -808,8 +823,9 @@ for _cfg in [dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
 
 # %% [markdown]
 # **Exercise 3 — which group owns a layer's output channels?** Given the groups of a model and
-# the name of a conv or linear layer, return the index of the group that its output channels
-# belong to, or `None` if they are in no group (frozen). The check removes one channel of the
+# the name of a conv or linear layer, return the index of the first group (lowest index) that
+# holds some of its output channels (a `conv2` of stage 3 writes channels of all three trunk
+# groups), or `None` if they are in no group (frozen). The check removes one channel of the
 # group you return and verifies that the layer's output shrinks.
 
 # %%

@@ -5,9 +5,9 @@ we propagate a tensor of *codes* of the same shape: code = 2 * (id + 1) + safe, 
 the channel an element belongs to (-1: a constant) and `safe` says that the element is exactly 0
 once that channel's producers are zeroed. Ops that only move data (view, permute, cat, pad,
 getitem, channel shuffle, ...) are replayed on the codes, so couplings through flatten, concat,
-shuffle and the option-A shortcut of CIFAR ResNets fall out without special cases. Elementwise
-ops (residual adds, gating multiplies) *union* the ids they combine; a union-find over ids then
-gives the classes of channels that must go together.
+shuffle and strided subsampling fall out without special cases (channel padding: see below).
+Elementwise ops (residual adds, gating multiplies) *union* the ids they combine; a union-find
+over ids then gives the classes of channels that must go together.
 
 Every tensor slice indexed by channels is a *slot*: conv/linear output rows and biases ('out'),
 consumer input slices ('in'), BN/affine gamma and beta and per-channel parameters ('affine'),

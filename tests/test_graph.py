@@ -185,3 +185,14 @@ def test_tracing_in_train_mode_leaves_bn_statistics_and_rng_untouched():
     assert model.training
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
+
+
+def test_a_registered_module_is_traced_as_a_leaf():
+    class Doubler(nn.Module):                # data-dependent Python: fx cannot trace inside it
+        def forward(self, x):
+            return 2 * x if bool(x.abs().sum() >= 0) else x
+
+    pl.register_op(Doubler, "zero")
+    (g,) = pl.channel_groups(nn.Sequential(nn.Conv2d(3, 4, 1), Doubler(), nn.Conv2d(4, 2, 1)),
+                             X32)
+    assert g.size == 4 and names(g, "in") == {"2"}

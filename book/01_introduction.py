@@ -759,7 +759,8 @@ assert set(keep_ns) == set(s_after)                             # only internal 
 #   slices — and yields a smaller dense network; unstructured zeros leave dense MACs and latency
 #   unchanged.
 # * Residual additions couple channels into groups; the option-A shortcut of CIFAR ResNets
-#   chains the three stages into a single 16-channel group and freezes the padded channels.
+#   chains the three stages' streams: its zero-padded channels are new, prunable trunk channels,
+#   and pruning them narrows the pad (three coupled groups of 16, 16 and 32 in ResNet-20).
 # * MACs count work; latency must be measured, and it improves less than MACs on small models.
 # * Subgradient updates never reach exactly zero (a threshold is needed); proximal and
 #   projection updates produce exact zeros, and group versions produce structured zeros.

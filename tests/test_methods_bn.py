@@ -298,11 +298,13 @@ def test_gbn_gates_keep_the_function_and_melt_back(device):
     y0 = out(model.to(device), x)
     gamma0 = model[1].weight.detach().clone()
     meth, model, _ = setup("gbn", model, x, device)
-    assert torch.all(model[1].weight == 1) and not model[1].weight.requires_grad
+    w1 = model[1].parametrizations.weight.original              # BN weight: 1, frozen
+    assert torch.all(w1 == 1) and not w1.requires_grad
     torch.testing.assert_close(model[1].gbn_gate.detach(), gamma0)
     torch.testing.assert_close(out(model, x), y0, rtol=1e-5, atol=1e-6)
     plain = meth.melt(copy.deepcopy(model))
-    assert not hasattr(plain[1], "gbn_gate") and not plain[1]._forward_hooks
+    assert not hasattr(plain[1], "gbn_gate") and not hasattr(plain[1], "parametrizations")
+    assert type(plain[1]) is type(tiny()[1]) and plain[1].weight.requires_grad
     torch.testing.assert_close(out(plain, x), y0, rtol=1e-5, atol=1e-6)
 
 
@@ -315,11 +317,14 @@ def test_gbn_score_is_accumulated_abs_gate_times_gradient(device):
     bn = model[4]
     bn.gbn_mask[3] = 0.0
     seen = {}
-    bn.register_forward_hook(lambda m, a, o: seen.update(pre=o.detach()), prepend=True)
+    beta = bn.parametrizations.bias.original
 
-    def grad_of_output(m, a, o):
+    def record(m, a, o):            # the ungated BN(x) (batch statistics) and dL/d(output)
+        xin = a[0].detach()
+        mu, var = xin.mean((0, 2, 3), keepdim=True), xin.var((0, 2, 3), False, keepdim=True)
+        seen["pre"] = (xin - mu) / torch.sqrt(var + m.eps) + beta.detach().view(1, -1, 1, 1)
         o.register_hook(lambda g: seen.update(grad=g.detach()))
-    bn.register_forward_hook(grad_of_output)
+    bn.register_forward_hook(record)
     want = torch.zeros_like(bn.gbn_gate)
     meth._collect = True
     model.train()

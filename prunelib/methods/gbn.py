@@ -7,8 +7,10 @@ youzhonghui/gate-decorator-pruning (prune/universal.py, run/resnet-56/resnet56_p
 Gate        GBN(x) = phi * BN(x) with a gate phi per channel. As the official `extract_from_bn`:
             phi <- gamma, BN weight <- 1 (frozen), beta <- clamp(beta / gamma, -10, 10), so the
             function is unchanged (up to the clamp). A mask (0/1 buffer) multiplies phi; a masked
-            channel outputs exactly 0, so its removal is exact. `melt` puts phi back into the BN:
-            weight = phi * mask, bias = beta * phi * mask.
+            channel outputs exactly 0, so its removal is exact. The gate is applied to the BN's
+            affine parameters (torch parametrizations: weight = 1 * phi * mask, bias = beta *
+            phi * mask), the same function and gradients as multiplying the output, one pass
+            cheaper; `melt` makes those values plain BN parameters again.
 Score       Taylor estimate of the loss change when phi_i -> 0, accumulated as in the official
             gradient hook:  Theta_i = sum_batches |phi_i * dL/dphi_i|  (the absolute value is
             taken per batch, inside the sum). BNs joined by one residual sum share a summed score
@@ -44,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..graph import ChannelGroup
 from ..select import Budget, MacModel, select_keep
@@ -71,7 +74,6 @@ class GateDecorator(Method):
             raise ValueError(f"target_macs must be in (0, 1], got {target_macs}")
         self.lam, self.p, self.ticks_per_tock, self.rounds = lam, p, ticks_per_tock, rounds
         self.tick_share, self.target_macs = tick_share, target_macs
-        self._handles: dict[str, Any] = {}
         self._collect = False
         self.log: list[dict] = []
 
@@ -93,7 +95,8 @@ class GateDecorator(Method):
                 bn.register_parameter("gbn_gate", nn.Parameter(gamma))
                 bn.register_buffer("gbn_mask", torch.ones_like(gamma))
                 bn.register_buffer("gbn_score", torch.zeros_like(gamma))
-                self._handles[n] = bn.register_forward_hook(_gate_hook)
+                parametrize.register_parametrization(bn, "weight", _Gate(bn))
+                parametrize.register_parametrization(bn, "bias", _Gate(bn))
         self._names = names
         self._gates = [model.get_submodule(n).gbn_gate for n in names]
         self._bns = [model.get_submodule(n) for n in names]
@@ -257,11 +260,9 @@ class GateDecorator(Method):
         """Fold phi * mask into each gated BN of `model` (in place) and remove the gates."""
         for n in self._names:
             bn = model.get_submodule(n)
-            g = bn.gbn_gate.detach() * bn.gbn_mask
-            bn.weight.copy_(g)
-            bn.bias.mul_(g)
+            for key in ("weight", "bias"):        # weight = phi * mask, bias = beta * phi * mask
+                parametrize.remove_parametrizations(bn, key, leave_parametrized=True)
             bn.weight.requires_grad_(True)
-            bn._forward_hooks.pop(self._handles[n].id, None)
             for key in ("gbn_gate",):
                 bn._parameters.pop(key, None)
             for key in ("gbn_mask", "gbn_score"):
@@ -280,7 +281,19 @@ class GateDecorator(Method):
         return remove_channels(plain, self.all_groups, keep)
 
 
-def _gate_hook(bn: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    g = bn.gbn_gate * bn.gbn_mask
-    return out * g.view((1, -1) + (1,) * (out.dim() - 2))
+class _Gate(nn.Module):
+    """Parametrization t -> t * phi * mask of a gated BN's weight (= 1) and bias (= beta).
+
+    phi * BN(x) = (phi * mask) * x_hat + beta * phi * mask: gating the affine parameters gives
+    the official GatedBatchNorm's output and gradients without an extra pass over the
+    activation (the bench's hook overhead). The BN is held outside the module tree (no cycle);
+    deepcopy maps it to the copied BN.
+    """
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_bn", bn)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * (self._bn.gbn_gate * self._bn.gbn_mask)
 

@@ -305,6 +305,8 @@ def test_gbn_gates_keep_the_function_and_melt_back(device):
     plain = meth.melt(copy.deepcopy(model))
     assert not hasattr(plain[1], "gbn_gate") and not hasattr(plain[1], "parametrizations")
     assert type(plain[1]) is type(tiny()[1]) and plain[1].weight.requires_grad
+    torch.testing.assert_close(out(model, x), y0, rtol=1e-5, atol=1e-6)   # original still gated
+    assert meth.taylor(model) and model[1].parametrizations.weight.original.shape == (8,)
     torch.testing.assert_close(out(plain, x), y0, rtol=1e-5, atol=1e-6)
 
 

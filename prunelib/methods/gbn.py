@@ -260,9 +260,12 @@ class GateDecorator(Method):
         """Fold phi * mask into each gated BN of `model` (in place) and remove the gates."""
         for n in self._names:
             bn = model.get_submodule(n)
-            for key in ("weight", "bias"):        # weight = phi * mask, bias = beta * phi * mask
-                parametrize.remove_parametrizations(bn, key, leave_parametrized=True)
-            bn.weight.requires_grad_(True)
+            w, b = bn.weight.detach().clone(), bn.bias.detach().clone()   # phi*mask, beta*phi*mask
+            # undo the parametrization by hand: torch's remove_parametrizations edits the
+            # parametrized class, which a deepcopy shares with the original model
+            bn.__class__ = type(bn).__bases__[0]
+            del bn._modules["parametrizations"]
+            bn.weight, bn.bias = nn.Parameter(w), nn.Parameter(b)
             for key in ("gbn_gate",):
                 bn._parameters.pop(key, None)
             for key in ("gbn_mask", "gbn_score"):

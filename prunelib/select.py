@@ -110,35 +110,30 @@ def select_keep(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, 
 
 def _by_macs(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, torch.Tensor],
              floor: dict[int, int], target: float, example_inputs: Any) -> dict[int, int]:
-    """Greedy global removal in ascending score order until MACs <= target * dense."""
-    layers = layer_macs(model, example_inputs)
-    dense = sum(v[0] for v in layers.values())
-    dims = {name: [a, d0, d1] for name, (_, a, d0, d1) in layers.items()}
-    # per group: [(layer, which dim, positions per channel)]
-    touch = {i: [(m.module, m.dim, m.idx.shape[1]) for m in groups[i].members
-                 if m.param == "weight" and m.module in dims and m.dim in (0, 1)]
-             for i in scores}
-    macs = float(dense)
-    goal = target * dense
-    n_keep = {i: groups[i].size for i in scores}
+    """Greedy global removal in ascending score order until MACs <= target * dense.
+
+    Vectorized: the MACs after every prefix of the sorted candidates (each group's count capped
+    at size - floor, i.e. a group at its floor is skipped) come from one `MacModel` call.
+    """
+    mac = MacModel(model, groups, example_inputs)
     cand = torch.cat([torch.stack([s.detach().float().cpu().reshape(-1),
                                    torch.full((s.numel(),), float(i))], 1)
                       for i, s in scores.items()])
-    cand = cand[torch.argsort(cand[:, 0], stable=True)]
-    for i in cand[:, 1].long().tolist():
-        if macs <= goal:
-            break
-        if n_keep[i] <= floor[i]:
-            continue
-        n_keep[i] -= 1
-        for layer, d, m in touch[i]:
-            a, d0, d1 = dims[layer]
-            before = a * d0 * d1
-            dims[layer][1 + d] -= m
-            macs += a * dims[layer][1] * dims[layer][2] - before
-    if macs > goal * (1 + 1e-9):
+    owner = cand[torch.argsort(cand[:, 0], stable=True), 1].long()
+    removed = torch.zeros(len(owner) + 1, len(groups), dtype=torch.float64)  # (prefix, group)
+    removed[1:].scatter_(1, owner[:, None], 1.0)
+    removed = removed.cumsum(0)
+    cap = torch.tensor([float(groups[i].size - floor[i]) if i in scores else 0.0
+                        for i in range(len(groups))], dtype=torch.float64)
+    removed = torch.minimum(removed, cap)
+    macs = mac.macs(removed)                                        # (prefix,)
+    goal = target * mac.dense
+    ok = torch.nonzero(macs <= goal * (1 + 1e-9)).flatten()
+    if len(ok) == 0:
         raise ValueError(
             f"MACs budget {target:.3f} cannot be met: with every prunable group at its minimum "
-            f"the model keeps {macs / dense:.3f} of its MACs. Raise the target, lower min_keep, "
-            f"or let the method prune coupled (residual) groups with residual='coupled'.")
-    return n_keep
+            f"the model keeps {float(macs[-1]) / mac.dense:.3f} of its MACs. Raise the target, "
+            f"lower min_keep, or let the method prune coupled (residual) groups with "
+            f"residual='coupled'.")
+    k = int(ok[0])
+    return {i: groups[i].size - int(removed[k, i]) for i in scores}

@@ -10,6 +10,7 @@ Commands (one ``cmd_<name>(args) -> int`` function each, registered in `main`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
@@ -106,11 +107,10 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _value(text: str):
+    """'3' -> 3, '1e-4' -> 0.0001, 'true'/'false'/'none' -> True/False/None, else the text."""
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return cast(text)
-        except ValueError:
-            pass
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 

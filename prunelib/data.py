@@ -61,8 +61,7 @@ def _writable(folder: Path) -> bool:
     """True if `folder` exists (or can be created) and a file can be written in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
         return True
     except OSError:
         return False

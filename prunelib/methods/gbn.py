@@ -266,10 +266,9 @@ class GateDecorator(Method):
             bn.__class__ = type(bn).__bases__[0]
             del bn._modules["parametrizations"]
             bn.weight, bn.bias = nn.Parameter(w), nn.Parameter(b)
-            for key in ("gbn_gate",):
-                bn._parameters.pop(key, None)
+            del bn._parameters["gbn_gate"]
             for key in ("gbn_mask", "gbn_score"):
-                bn._buffers.pop(key, None)
+                del bn._buffers[key]
         return model
 
     def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:

@@ -6,12 +6,20 @@ Where the data comes from (`load_cifar10`):
    int64 ``labels`` (N,)) in the data root, its ``cifar10/`` subfolder, or the cache dir;
 2. otherwise the standard pickled ``cifar-10-batches-py`` folder (``data_batch_1..5``,
    ``test_batch``) in the data root or the cache dir, which is converted once to the npz cache;
-3. otherwise, only when ``download=True``: torchvision's ``CIFAR10(..., download=True)`` fetches
-   and md5-checks the archive (into the data root if writable, else the cache dir), then 2.
+3. otherwise, only when ``download=True``: torchvision's download utility fetches, md5-checks
+   and unpacks CIFAR10's archive (into the data root if writable, else the cache dir), then 2.
 
 Data root: argument, else ``$PRUNELIB_DATA``, else ``~/.cache/prunelib``. The data root may be
 read-only; the npz cache is written there only when it is writable, else to `cache_dir()`
-(``$PRUNELIB_CACHE``, else ``~/.cache/prunelib``).
+(``$PRUNELIB_CACHE``, else ``~/.cache/prunelib``), atomically (`prunelib.fileio`); when neither
+can be written, a warning says so and the data is returned uncached.
+
+Every split is checked when read: uint8 images (N, 32, 32, 3) with N >= 1, N integer labels in
+[0, 10). A file that breaks this, or is truncated, unreadable or misses a key, raises `DataError`
+naming the file, the problem and what to do. The pickled batches are read by a restricted
+unpickler that admits only numpy's array rebuilding and latin1 bytes decoding (a genuine batch
+holds dicts, lists, strings, integers and one uint8 array), so a crafted file cannot run code:
+any other global is refused with a `DataError` naming the file.
 
 `Batches` keeps the uint8 images as one tensor on the training device and builds every batch
 with a few tensor ops (gather-based random crop with zero padding, horizontal flip,
@@ -22,15 +30,19 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "data_root", "cache_dir", "load_cifar10",
-           "Batches", "CIFAR10Data", "cifar10", "balanced_indices"]
+from .fileio import atomic_open
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "DataError", "data_root", "cache_dir",
+           "load_cifar10", "Batches", "CIFAR10Data", "cifar10", "balanced_indices"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -67,41 +79,145 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as d:
-        images, labels = d["images"], d["labels"]
+class DataError(ValueError):
+    """A CIFAR-10 file exists but cannot be used: unreadable, truncated or wrong content."""
+
+
+_NPZ_FIX = ("delete or replace it (a deleted cache is rebuilt from cifar-10-batches-py, or "
+            "fetched with download=True / --download), or set PRUNELIB_DATA to a folder with valid "
+            "cifar10_train.npz and cifar10_test.npz")
+
+
+def _check_split(images: np.ndarray, labels: np.ndarray, source: Path,
+                 fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raise DataError naming `source` unless images are uint8 (N >= 1, 32, 32, 3) and labels
+    are N integers in [0, 10); return (images, labels as int64)."""
+    problem = None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise ValueError(f"{path}: expected uint8 images of shape (N, 32, 32, 3), "
-                         f"got {images.dtype} {images.shape}")
-    if len(labels) != len(images):
-        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+        problem = (f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
+                   f"{images.shape}")
+    elif len(images) == 0:
+        problem = "holds no images"
+    elif labels.shape != (len(images),):
+        problem = f"{len(images)} images but labels of shape {labels.shape}"
+    elif not np.issubdtype(labels.dtype, np.integer):
+        problem = f"labels must be integers, got dtype {labels.dtype}"
+    elif labels.min() < 0 or labels.max() >= len(CLASSES):
+        problem = (f"labels must be in [0, {len(CLASSES)}), got values from {labels.min()} to "
+                   f"{labels.max()}")
+    if problem is not None:
+        raise DataError(f"{source}: {problem}; {fix}")
     return images, labels.astype(np.int64, copy=False)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An npz split, checked by `_check_split`; DataError naming `path` if it cannot be read."""
+    try:
+        d = np.load(path, allow_pickle=False)
+        if not isinstance(d, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: a single {type(d).__name__}, not an npz archive of images "
+                            f"and labels; {_NPZ_FIX}")
+        with d:
+            missing = {"images", "labels"} - set(d.files)
+            if missing:
+                raise DataError(f"{path}: no {' or '.join(sorted(missing))} array (it holds "
+                                f"{sorted(d.files)}); {_NPZ_FIX}")
+            images, labels = d["images"], d["labels"]
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable npz file (truncated or corrupt: {e}); "
+                        f"{_NPZ_FIX}") from e
+    return _check_split(images, labels, path, _NPZ_FIX)
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles of bytes at protocol <= 2 call it: latin1 only."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise ValueError(f"_codecs.encode is admitted only as encode(str, 'latin1'), got "
+                         f"encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a pickled CIFAR-10 batch needs: numpy's array and dtype rebuilding,
+    under the module names of numpy 1.x (``numpy.core``, as in the official files) and 2.x,
+    and the latin1 bytes encoding of protocol-2 pickles written by Python 3."""
+    try:
+        from numpy._core import multiarray, numeric         # numpy >= 2
+    except ImportError:                                     # numpy 1.x
+        from numpy.core import multiarray, numeric
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray,
+                                           ("numpy", "dtype"): np.dtype,
+                                           ("_codecs", "encode"): _latin1_encode}
+    for pkg in ("numpy.core", "numpy._core"):
+        allowed[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer   # pickle protocol 5
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only `_numpy_globals` and refuses every other global."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="latin1")
+        self.path, self.allowed = path, _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise DataError(
+            f"{self.path}: refused to unpickle {module}.{name}: a CIFAR-10 batch holds only "
+            f"dicts, lists, strings, integers and numpy arrays, so this is not a genuine batch "
+            f"file. Delete the {self.path.parent.name} folder and fetch CIFAR-10 again "
+            f"(download=True / --download), or set PRUNELIB_DATA to a folder with the npz files")
+
+
+def _read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch as (rows uint8 (n, 3072), labels int (n,)), through `_BatchUnpickler`."""
+    fix = (f"delete the {path.parent.name} folder {path.parent} and fetch it again "
+           f"(download=True / --download), or set PRUNELIB_DATA to a folder with the npz files")
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, path).load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the {path.parent.name} folder is "
+                                f"incomplete; {fix}") from None
+    except DataError:
+        raise
+    except Exception as e:          # truncated or garbled pickles fail in many different ways
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
+                        f"{fix}") from e
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: expected a dict, got {type(entry).__name__}; {fix}")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or "labels" not in entry:
+        raise DataError(f"{path}: no 'data' or 'labels' entry (keys {sorted(map(str, entry))}); "
+                        f"{fix}")
+    rows, labels = entry["data"], np.asarray(entry["labels"])
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 \
+            or rows.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (n, 3072), got "
+                        f"{type(rows).__name__} {getattr(rows, 'dtype', '')} "
+                        f"{getattr(rows, 'shape', '')}; {fix}")
+    images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    _check_split(images, labels, path, fix)
+    return rows, labels
 
 
 def _read_batches_py(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Read the pickled python-version batches (the format torchvision reads) as HWC uint8."""
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    data, labels = [], []
-    for name in files:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-    images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
-    return images, np.asarray(labels, dtype=np.int64)
+    parts = [_read_batch_file(folder / name) for name in files]
+    rows = np.concatenate([r for r, _ in parts])
+    images = np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, np.concatenate([lab for _, lab in parts]).astype(np.int64)
 
 
 def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write atomically (temp file + rename), uncompressed for fast loading."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (`prunelib.fileio.atomic_open`), uncompressed for fast loading."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, images=images, labels=labels)
 
 
 def load_cifar10(root: str | os.PathLike | None = None, train: bool = True,
@@ -109,7 +225,8 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True,
     """CIFAR-10 split as (images uint8 (N, 32, 32, 3) HWC RGB, labels int64 (N,)).
 
     Search order and cache policy: see the module docstring. Raises FileNotFoundError naming
-    the folders searched and the two ways out (``PRUNELIB_DATA`` or ``download=True``).
+    the folders searched and the two ways out (``PRUNELIB_DATA`` or ``download=True``), and
+    `DataError` for a file that is there but unusable (see the module docstring).
     """
     base = data_root(root)
     cache = cache_dir()
@@ -123,7 +240,10 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True,
     if source is None and download:
         target = base if _writable(base) else cache
         from torchvision.datasets import CIFAR10
-        CIFAR10(str(target), train=train, download=True)   # fetches and md5-checks
+        from torchvision.datasets.utils import download_and_extract_archive
+        # fetch, md5-check and unpack only: the batches are then read by our restricted reader
+        download_and_extract_archive(CIFAR10.url, str(target), filename=CIFAR10.filename,
+                                     md5=CIFAR10.tgz_md5)
         source = target / _FOLDER
     if source is None:
         raise FileNotFoundError(
@@ -132,8 +252,12 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True,
             f"cifar10_train.npz and cifar10_test.npz, or pass download=True (CLI: --download) "
             f"to fetch it with torchvision.")
     images, labels = _read_batches_py(source, train)
-    out = base if _writable(base) else cache
-    _write_npz(out / fname, images, labels)
+    out = (base if _writable(base) else cache) / fname
+    try:
+        _write_npz(out, images, labels)
+    except OSError as e:
+        warnings.warn(f"could not write the CIFAR-10 cache {out} ({e}); {source} will be read "
+                      f"again next time (set PRUNELIB_CACHE to a writable folder)", stacklevel=2)
     return images, labels
 
 

@@ -12,7 +12,10 @@ Both `fit` and `evaluate` move the model to the requested device and, when it ha
 convolutions, to the channels_last memory format (in place), and feed it channels_last inputs.
 
 Per-step losses are kept as a device tensor and read back only every `sync_every` steps
-(progress bar, NaN check), so the loop adds no host-device synchronisation per step.
+(progress bar, divergence check), so the loop adds no host-device synchronisation per step.
+
+Checkpoints (`save_checkpoint` / `load_checkpoint`) hold only tensors and plain Python values,
+are written atomically (`prunelib.fileio`) and load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -27,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import atomic_torch_save
+
 __all__ = ["seed_everything", "default_device", "evaluate", "fit", "lr_factor",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 SCHEDULES = ("cosine", "step", "constant", "triangular")
 
@@ -135,14 +141,18 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
         distill_from: nn.Module | None = None, distill_T: float = 4.0,
         distill_alpha: float = 0.9, max_steps: int | None = None, warmup: float = 0.0,
         gamma: float = 0.1, sync_every: int = 20,
-        on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[int, float], None] | None = None,
+        diverge_factor: float | None = 1e3) -> dict[str, Any]:
     """Train `model` in place with SGD for `epochs` passes over `batches`; return a history.
 
     Args:
-        batches: re-iterable of (x, y); ``len(batches)`` steps make one epoch.
-        epochs: may be fractional: ``ceil(epochs * len(batches))`` optimizer steps in total
-            (capped by `max_steps`); the loader is re-iterated as often as needed.
-        lr, weight_decay, momentum, nesterov: SGD settings (Nesterov needs momentum > 0).
+        batches: re-iterable of (x, y) with ``len()`` (a list, a DataLoader, `data.Batches`);
+            ``len(batches)`` steps make one epoch. Not a generator or other one-shot iterator.
+        epochs: a finite number > 0, may be fractional: ``ceil(epochs * len(batches))``
+            optimizer steps in total (capped by `max_steps`); the loader is re-iterated as often
+            as needed.
+        lr, weight_decay, momentum, nesterov: SGD settings (lr finite and >= 0; Nesterov needs
+            momentum > 0).
         schedule: 'cosine' (to 0), 'step' (x `gamma` at each fraction in `milestones`),
             'constant', 'triangular' (gamma -> 1 -> gamma) or a callable (step, total) ->
             factor; applied per step, as a multiplier of every param group's own lr.
@@ -156,6 +166,12 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
         on_epoch: called as ``on_epoch(epoch, mean_loss)`` after each complete pass over
             `batches` (epoch counts from 1), e.g. to evaluate or log; the model is in train
             mode when it returns.
+        sync_every: steps between read-backs of the loss (progress bar, divergence checks).
+        diverge_factor: the loss has diverged when one step's loss exceeds `diverge_factor`
+            times the reference max(mean loss of the steps before the first check, ln(number
+            of classes), 1). Normal training starts near ln(classes) and falls, so 1e3 is three
+            orders of magnitude above anything it reaches; None turns this check off (the
+            NaN/inf check stays).
 
     Returns:
         {'loss': mean training loss (incl. loss_term) per epoch, the last one possibly
@@ -163,15 +179,32 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
         'images_per_s': throughput; 'lr': final learning rate of the first group}.
 
     Raises:
-        FloatingPointError when the loss becomes NaN/inf (names the step, checked every
-        `sync_every` steps and at the end).
+        FloatingPointError when the loss becomes NaN/inf or diverges (see `diverge_factor`):
+        names the step and the value and suggests a lower lr or regularization strength;
+        checked every `sync_every` steps, before `on_epoch` and at the end.
+        ValueError on epochs / lr / sync_every / diverge_factor out of range, an empty loader,
+        or a pass over `batches` that yields nothing (an exhausted one-shot iterator).
+        TypeError when `batches` has no ``len()``.
     """
     from tqdm.auto import tqdm
-    if epochs < 0 or lr < 0:
-        raise ValueError(f"epochs and lr must be >= 0, got epochs={epochs}, lr={lr}")
-    steps_per_epoch = len(batches)  # type: ignore[arg-type]
+    if not math.isfinite(epochs) or epochs <= 0:
+        raise ValueError(f"fit(): epochs must be a finite number > 0, got {epochs}")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"fit(): lr must be a finite number >= 0, got {lr}")
+    if sync_every < 1:
+        raise ValueError(f"fit(): sync_every must be an integer >= 1, got {sync_every}")
+    if diverge_factor is not None and not diverge_factor > 1:
+        raise ValueError(f"fit(): diverge_factor must be > 1 (or None to turn the check off), "
+                         f"got {diverge_factor}")
+    try:
+        steps_per_epoch = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"fit() needs a re-iterable loader with len() (a list of (x, y) "
+                        f"batches, a DataLoader, prunelib.data.Batches), got "
+                        f"{type(batches).__name__}; a generator can be iterated only once"
+                        ) from None
     if steps_per_epoch == 0:
-        raise ValueError("fit() got an empty loader")
+        raise ValueError("fit() got an empty loader (len(batches) == 0)")
     total = math.ceil(epochs * steps_per_epoch)
     if max_steps is not None:
         total = min(total, max_steps)
@@ -190,17 +223,32 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
         opt, lambda s: lr_factor(s, total, schedule, milestones, gamma, warm))
 
     losses = torch.zeros(max(total, 1), device=dev)
-    checked = 0
+    checked, ref, classes = 0, None, 2
 
     def check(upto: int) -> None:
-        nonlocal checked
-        bad = ~torch.isfinite(losses[checked:upto])
+        """Read back the losses of steps [checked, upto) (one sync); raise if they diverged."""
+        nonlocal checked, ref
+        if upto <= checked:
+            return
+        window = losses[checked:upto].cpu()
+        bad = ~torch.isfinite(window)
         if bad.any():
             step = checked + int(bad.nonzero()[0, 0])
             raise FloatingPointError(
                 f"loss became {losses[step].item()} at step {step} (epoch "
                 f"{step / steps_per_epoch:.2f}); lower the learning rate (lr={lr}) or the "
                 f"regularization strength")
+        if diverge_factor is not None:
+            if ref is None:
+                ref = max(float(window.mean()), math.log(max(classes, 2)), 1.0)
+            over = window > diverge_factor * ref
+            if over.any():
+                step = checked + int(over.nonzero()[0, 0])
+                raise FloatingPointError(
+                    f"loss diverged at step {step} (epoch {step / steps_per_epoch:.2f}): "
+                    f"{losses[step].item():.4g} is more than {diverge_factor:g}x the reference "
+                    f"{ref:.4g} (the first steps' mean loss, at least ln(classes) and 1); lower "
+                    f"the learning rate (lr={lr}) or the regularization strength")
         checked = upto
 
     was_training = model.training
@@ -209,11 +257,14 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
     bar = tqdm(total=total, disable=quiet, desc="fit", leave=False)
     try:
         while step < total:
+            seen = 0
             for x, y in batches:
                 if step >= total:
                     break
+                seen += 1
                 x, y = _to(x, dev, cl), y.to(dev, non_blocking=True)
                 out = model(x)
+                classes = out.shape[-1]
                 loss = F.cross_entropy(out, y)
                 if distill_from is not None:
                     with torch.no_grad():
@@ -245,6 +296,12 @@ def fit(model: nn.Module, batches: Iterable, epochs: float, lr: float,
                         bar.set_postfix(loss=f"{recent:.3f}",
                                         lr=f"{opt.param_groups[0]['lr']:.4f}")
             else:                                   # a complete pass over the loader
+                if seen == 0:
+                    raise ValueError(
+                        f"fit(): pass {epoch + 1} over `batches` yielded no batches although "
+                        f"len(batches) = {steps_per_epoch}: it looks like a one-shot iterator or "
+                        f"generator that is exhausted; pass a re-iterable loader (a list, a "
+                        f"DataLoader, prunelib.data.Batches)")
                 epoch += 1
                 if on_epoch is not None:
                     check(step)
@@ -280,22 +337,47 @@ def _plain(obj: Any, key: str = "meta") -> Any:
                     f"str, list, tuple, dict), got {type(obj).__name__}")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that exists but cannot be used: unreadable or truncated, not written by
+    `save_checkpoint`, or not matching the model it is loaded into."""
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, /, **meta: Any) -> None:
-    """Save ``{'state_dict': ..., 'meta': meta}`` to `path` (parent folders created).
+    """Save ``{'state_dict': ..., 'meta': meta}`` to `path` atomically (parent folders created;
+    an interrupted save leaves the previous file, or none).
 
     Tensors are stored contiguous on CPU; `meta` must be plain Python so that the file loads
     with ``torch.load(path, weights_only=True)``.
     """
     meta = _plain(meta)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"state_dict": sd, "meta": meta}, path)
+    atomic_torch_save({"state_dict": sd, "meta": meta}, path)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict:
-    """Load weights saved by `save_checkpoint` into `model` (in place); return the meta dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a prunelib checkpoint (no 'state_dict' entry)")
-    model.load_state_dict(ckpt["state_dict"], strict=strict)
-    return dict(ckpt.get("meta", {}))
+    """Load weights saved by `save_checkpoint` into `model` (in place); return the meta dict.
+
+    Reads with ``torch.load(weights_only=True)``: no code in the file is run. Every error names
+    `path`: FileNotFoundError when it does not exist; `CheckpointError` when it cannot be read
+    (truncated, corrupt), is not a prunelib checkpoint, or its state_dict does not match `model`
+    (then `model` may be partly overwritten: build a fresh one before trying another file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist"
+                                + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:      # truncated zip, garbage, refused pickle: each fails differently
+        raise CheckpointError(f"{path}: not a readable checkpoint, maybe truncated or corrupt "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+                              f" delete it or save it again") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a prunelib checkpoint (expected a dict with a "
+                              f"'state_dict' dict, as save_checkpoint writes)")
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the {type(model).__name__} it is loaded "
+                              f"into: {e}") from e
+    return dict(ckpt.get("meta") or {})

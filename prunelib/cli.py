@@ -6,42 +6,128 @@ Commands (one ``cmd_<name>(args) -> int`` function each, registered in `main`):
     run      prune a baseline with one method under a budget; write the result as JSON
     methods  list the registered methods
     bench    print the benchmark table (training speed, data, surgery, latency, overhead)
+
+User errors (a bad flag or value, an unknown method or hyperparameter, an invalid budget, an
+unwritable output, a missing or unusable data set) print ``prunelib: error: <message>`` on
+stderr and exit with code 2, without a traceback; they are found before any data is loaded or
+any training starts wherever the arguments alone decide them. A training run that diverges
+prints its message the same way and exits with code 1. Output files are written atomically.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
+
+
+class UsageError(Exception):
+    """A user error found by a command: reported as ``prunelib: error: <message>``, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with prunelib's error format: ``prunelib: error: <message>`` on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"prunelib: error: {message}\n(see `{self.prog} --help`)\n")
+
+
+def _number(cast: type, ok: Callable[[Any], bool], allowed: str) -> Callable[[str], Any]:
+    """argparse type: `cast(text)`, finite and accepted by `ok`, else an error saying `allowed`."""
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return parse
+
+
+_POSITIVE = _number(float, lambda v: v > 0, "a finite number > 0")
+_NONNEG = _number(float, lambda v: v >= 0, "a finite number >= 0")
+_FINITE = _number(float, lambda v: True, "a finite number")
+_COUNT = _number(int, lambda v: v >= 1, "an integer >= 1")
+_NATURAL = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _device(text: str | None) -> Any:
+    """torch.device from --device (default: cuda if any); UsageError if it cannot be used."""
+    import torch
+
+    from .train import default_device
+    if text is None:
+        return default_device()
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise UsageError(f"--device {text!r} is not a device ({e}); use cpu, cuda or cuda:N"
+                         ) from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {text}: no such CUDA device here "
+                         f"({torch.cuda.device_count()} visible); use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {text}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def _output(path: str | Path, flag: str) -> Path:
+    """`path` after checking that a file can be written there (UsageError naming `flag`)."""
+    from .fileio import check_writable
+    try:
+        return check_writable(path, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _data_root(args: argparse.Namespace) -> None:
+    if args.data is not None and not args.download and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data} is not a folder; point it at the folder holding "
+                         f"cifar10_train.npz / cifar10_test.npz, or add --download")
+
+
+def _load_data(**kw: Any) -> Any:
+    """`prunelib.data.cifar10(**kw)`; missing or unusable data (or a subset larger than the
+    data) becomes a UsageError with the loader's message."""
+    from . import data
+    try:
+        return data.cifar10(**kw)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train `args.model` on CIFAR-10 with SGD + cosine schedule, evaluate, save checkpoint."""
     import torch
 
-    from .data import cache_dir, cifar10
+    from .data import cache_dir
     from .models import get_model
-    from .train import default_device, evaluate, fit, save_checkpoint, seed_everything
+    from .train import evaluate, fit, save_checkpoint, seed_everything
 
+    device = _device(args.device)
+    out = _output(args.out if args.out else (
+        cache_dir() / "baselines" / f"{args.model}_cifar10_s{args.seed}.pt"),
+        "--out" if args.out else "the default checkpoint path (set PRUNELIB_CACHE or --out)")
+    _data_root(args)
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
-    out = Path(args.out) if args.out else (
-        cache_dir() / "baselines" / f"{args.model}_cifar10_s{args.seed}.pt")
     command = "prunelib " + " ".join(shlex.quote(a) for a in args.argv)
     _log(f"# {command}")
     _log(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    data = cifar10(args.data, batch_size=args.batch_size, subset=args.subset,
-                   test_subset=args.test_subset, device=device, seed=args.seed,
-                   download=args.download)
+    data = _load_data(root=args.data, batch_size=args.batch_size, subset=args.subset,
+                      test_subset=args.test_subset, device=device, seed=args.seed,
+                      download=args.download)
     model = get_model(args.model)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"# model {args.model}: {n_params / 1e6:.3f} M params; "
@@ -84,23 +170,25 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Train a dense CIFAR-10 baseline (SGD, Nesterov momentum, "
                                    "per-step schedule, batched crop+flip augmentation).")
     p.add_argument("--model", default="resnet20", choices=MODELS)
-    p.add_argument("--epochs", type=float, default=40)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--epochs", type=_POSITIVE, default=40)
+    p.add_argument("--lr", type=_POSITIVE, default=0.1)
+    p.add_argument("--batch-size", type=_COUNT, default=128)
+    p.add_argument("--wd", type=_NONNEG, default=5e-4, help="weight decay")
+    p.add_argument("--momentum", type=_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                   default=0.9)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
-    p.add_argument("--warmup", type=float, default=1.0, help="epochs of linear lr warm-up")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=_NONNEG, default=1.0, help="epochs of linear lr warm-up")
+    p.add_argument("--seed", type=_NATURAL, default=0)
     p.add_argument("--out", default=None,
                    help="checkpoint path (default: $PRUNELIB_CACHE/baselines/...)")
     p.add_argument("--data", default=None, help="data root (default: $PRUNELIB_DATA)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
-    p.add_argument("--subset", type=int, default=None, help="number of training images")
-    p.add_argument("--test-subset", type=int, default=None, help="number of test images")
-    p.add_argument("--eval-every", type=int, default=5, help="epochs between test evals")
+    p.add_argument("--subset", type=_COUNT, default=None, help="number of training images")
+    p.add_argument("--test-subset", type=_COUNT, default=None, help="number of test images")
+    p.add_argument("--eval-every", type=_NATURAL, default=5,
+                   help="epochs between test evals (0: only at the end)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_COUNT, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is robust on a busy CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -114,40 +202,72 @@ def _value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def _method(args: argparse.Namespace) -> Any:
+    """The method named by --method, built with the --hp values; UsageError if it cannot be."""
+    from . import methods
+    hp: dict[str, Any] = {}
+    for item in args.hp:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--hp expects KEY=VALUE, got {item!r}")
+        if key in hp:
+            raise UsageError(f"--hp {key} is given twice")
+        hp[key] = _value(text)
+        if isinstance(hp[key], float) and not math.isfinite(hp[key]):
+            raise UsageError(f"--hp {item}: hyperparameters must be finite numbers")
+    try:
+        return methods.get(args.method, **hp)
+    except KeyError as e:
+        raise UsageError(f"--method {args.method}: {e.args[0] if e.args else e}") from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--method {args.method} {' '.join('--hp ' + h for h in args.hp)}: "
+                         f"{e}") from None
+
+
+def _budget(args: argparse.Namespace) -> Any:
+    """The Budget of --target-macs / --percent / --threshold (at most one; default macs 0.5)."""
+    from .select import Budget
+    given = {k: v for k, v in (("macs", args.target_macs), ("percent", args.percent),
+                               ("threshold", args.threshold)) if v is not None}
+    try:
+        return Budget(**(given or {"macs": 0.5}))
+    except ValueError as e:
+        raise UsageError(f"budget: {e}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Dense baseline -> method's sparse phase -> removal -> fine-tune; JSON with every phase."""
+    """Dense baseline -> method's sparse phase -> removal -> fine-tune; JSON with every phase.
+
+    Everything the arguments decide is checked before data is loaded: the method and its
+    hyperparameters, the budget, the numeric flags, the device, --out / --save and (when the
+    baseline has to be trained) the baseline cache.
+    """
     import json
 
-    import torch
-
-    from . import methods
-    from .data import cifar10
-    from .pipeline import get_scale, load_baseline, run
-    from .select import Budget
+    from .fileio import atomic_write_text
+    from .pipeline import baseline_paths, get_scale, load_baseline, run
     from .surgery import save_pruned
-    from .train import default_device, seed_everything
+    from .train import seed_everything
 
-    hp = {}
-    for item in args.hp:
-        if "=" not in item:
-            raise SystemExit(f"--hp expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        hp[k] = _value(v)
-    try:
-        method = methods.get(args.method, **hp)
-    except KeyError as e:
-        raise SystemExit(str(e).strip('"'))
-    budget = (Budget(percent=args.percent) if args.percent is not None else
-              Budget(threshold=args.threshold) if args.threshold is not None else
-              Budget(macs=args.target_macs))
+    method = _method(args)
+    budget = _budget(args)
     scale = get_scale(args.scale)
     overrides = {k: v for k, v in (("reg_epochs", args.reg_epochs),
                                    ("ft_epochs", args.ft_epochs)) if v is not None}
+    device = _device(args.device)
+    out = _output(args.out, "--out") if args.out else None
+    save = _output(args.save, "--save") if args.save else None
+    if out is not None and save is not None and out.resolve() == save.resolve():
+        raise UsageError(f"--out and --save are the same file {out}; give two paths")
+    paths = baseline_paths(args.model)
+    if not any(p.is_file() for p in paths):
+        _output(paths[0], "the baseline cache (to be trained; set PRUNELIB_CACHE)")
+    _data_root(args)
     seed_everything(args.seed)
-    device = torch.device(args.device) if args.device else default_device()
-    data = cifar10(args.data, batch_size=scale.batch_size, subset=scale.subset,
-                   test_subset=scale.test_subset, holdout=scale.holdout, device=device,
-                   seed=args.seed, download=args.download)
+    data = _load_data(root=args.data, batch_size=scale.batch_size, subset=scale.subset,
+                      test_subset=scale.test_subset, holdout=scale.holdout, device=device,
+                      seed=args.seed, download=args.download)
     model, info = load_baseline(args.model, data, device=device, scale=scale,
                                 quiet=args.quiet)
     _log(f"# baseline {args.model}: {info.get('accuracy', float('nan')):.2f}% ({info['path']})")
@@ -160,13 +280,12 @@ def cmd_run(args: argparse.Namespace) -> int:
          f"{res['pruned']['params_ratio']:.3f}; accuracy dense {acc['dense']:.2f} -> "
          f"regularized {acc['regularized']:.2f} -> removed {acc['removed']:.2f} -> "
          f"fine-tuned {acc['finetuned']:.2f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        _log(f"wrote {args.out}")
-    if args.save:
-        save_pruned(pruned, args.save, model=args.model, method=res["method"])
-        _log(f"saved pruned model to {args.save} (load with prunelib.load_pruned)")
+    if out is not None:
+        atomic_write_text(out, json.dumps(res, indent=2))
+        _log(f"wrote {out}")
+    if save is not None:
+        save_pruned(pruned, save, model=args.model, method=res["method"])
+        _log(f"saved pruned model to {save} (load with prunelib.load_pruned)")
     return 0
 
 
@@ -179,18 +298,21 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "and write every phase's numbers as JSON.")
     p.add_argument("--method", required=True, help="a name from `prunelib methods`")
     p.add_argument("--model", default="resnet20", choices=MODELS)
-    p.add_argument("--target-macs", type=float, default=0.5,
-                   help="fraction of the dense MACs to keep (default 0.5)")
-    p.add_argument("--percent", type=float, default=None,
-                   help="instead: remove this fraction of the scored channels")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="instead: remove channels whose score is <= this")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-macs", type=_FINITE, default=None,
+                        help="fraction of the dense MACs to keep, in (0, 1] (default 0.5)")
+    budget.add_argument("--percent", type=_FINITE, default=None,
+                        help="instead: remove this fraction of the scored channels, in [0, 1)")
+    budget.add_argument("--threshold", type=_FINITE, default=None,
+                        help="instead: remove channels whose score is <= this")
     p.add_argument("--scale", default="quick", choices=list(SCALES))
-    p.add_argument("--reg-epochs", type=float, default=None, help="override the scale's")
-    p.add_argument("--ft-epochs", type=float, default=None, help="override the scale's")
+    p.add_argument("--reg-epochs", type=_NONNEG, default=None,
+                   help="override the scale's (0: no sparse phase)")
+    p.add_argument("--ft-epochs", type=_NONNEG, default=None,
+                   help="override the scale's (0: no fine-tuning)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. --hp lam=1e-4 (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_NATURAL, default=0)
     p.add_argument("--out", default=None, help="JSON result path")
     p.add_argument("--save", default=None, help="save the pruned model here")
     p.add_argument("--data", default=None, help="data root (default: $PRUNELIB_DATA)")
@@ -213,25 +335,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import run_bench
+    from .fileio import atomic_write_text
+    _device(args.device)
+    out = _output(args.out, "--out") if args.out else None
     res = run_bench(args.device, steps=args.steps, reps=args.reps)
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    if out is not None:
+        atomic_write_text(out, json.dumps(res, indent=2, default=str))
     return 0
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="print the benchmark table")
     p.add_argument("--device", default=None)
-    p.add_argument("--steps", type=int, default=20, help="training steps timed per loop")
-    p.add_argument("--reps", type=int, default=20, help="timed forward passes per latency")
+    p.add_argument("--steps", type=_COUNT, default=20, help="training steps timed per loop")
+    p.add_argument("--reps", type=_COUNT, default=20, help="timed forward passes per latency")
     p.add_argument("--out", default=None, help="also write the numbers as JSON")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: sys.argv[1:]) and run the chosen command; return its exit code."""
+    """Parse `argv` (default: sys.argv[1:]) and run the chosen command; return its exit code.
+
+    User errors raise SystemExit(2) after printing ``prunelib: error: <message>`` to stderr (the
+    argparse convention, also for errors a command finds: `UsageError`); a diverging training
+    run raises SystemExit(1) with its message.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="prunelib", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="prunelib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
                               Callable[[argparse.Namespace], int]]] = {
@@ -241,14 +371,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cmd_methods),
         "bench": (_add_bench, cmd_bench),
     }
-    for adder, func in commands.values():
-        adder(sub).set_defaults(func=func)
+    parsers = {name: adder(sub) for name, (adder, _) in commands.items()}
+    for name, (_, func) in commands.items():
+        parsers[name].set_defaults(func=func)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     args.argv = argv
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        parsers[args.command].error(str(e))
+    except FloatingPointError as e:
+        parser.exit(1, f"prunelib: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""Two function-preserving repairs of a pruned BatchNorm network, used by the protocol.
+
+recalibrate_bn(model, batches, n)
+    Re-estimate every BatchNorm's running mean and variance from `n` training batches (train
+    mode, no gradient, cumulative average: momentum=None), then restore the model's mode and
+    momenta. No weight changes. Removal changes what each BN sees (a channel set to its constant,
+    a neighbour's output rescaled); stale statistics then misnormalize every later layer. The
+    protocol's 'recalibrated' accuracy tells stale statistics from a destroyed function.
+
+restore_bn_input_norms(model, reference)
+    A strong sparse phase shrinks conv rows that feed a BatchNorm (group lasso, weight decay on
+    rows that lost their purpose). BN is scale invariant in its input, so the function does not
+    care, but SGD does: the effective learning rate of a row scales as 1 / ||w_k||^2, so a row
+    shrunk a times is fine-tuned as if with an a^2-times hotter lr. This scales every such row
+    back up to the reference (dense) layer's RMS row norm r (rows already at or above r, and
+    rows that are exactly zero, are left alone):
+
+        w_k <- a_k w_k,  b_k <- a_k b_k,  mu_k <- a_k mu_k,
+        var_k <- a_k^2 var_k + (a_k^2 - 1) eps,                     a_k = r / ||w_k|| >= 1,
+
+    so (a_k x - a_k mu_k) / sqrt(var_k' + eps) = (x - mu_k) / sqrt(var_k + eps): the eval-mode
+    output is unchanged exactly (in train mode BN uses batch statistics and is invariant anyway).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import fx, nn
+
+__all__ = ["recalibrate_bn", "restore_bn_input_norms", "conv_bn_pairs"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, n_batches: int = 20) -> nn.Module:
+    """Recompute every BN's running statistics from `n_batches` of (x, y) `batches` (in place).
+
+    Returns `model`. Raises ValueError when `n_batches` < 1 or the loader yields nothing.
+    """
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"recalibrate_bn: n_batches must be an integer >= 1, got {n_batches!r}")
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns:
+        return model
+    p = next(model.parameters())
+    cl = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                                  # cumulative moving average
+    model.train()
+    seen = 0
+    try:
+        for x, _ in batches:
+            x = x.to(p.device)
+            if cl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            model(x)
+            seen += 1
+            if seen >= n_batches:
+                break
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("recalibrate_bn: the loader yielded no batches")
+    return model
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where a Conv's output feeds only that BatchNorm (torch.fx).
+
+    Returns [] for a model torch.fx cannot trace (nothing is rescaled then).
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001  (untraceable user model: no pairs, nothing changed)
+        return []
+    mods = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), _BN):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), nn.modules.conv._ConvNd)
+                and len(src.users) == 1 and mods[src.target].groups == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def restore_bn_input_norms(model: nn.Module, reference: nn.Module) -> dict[str, int]:
+    """Scale conv rows feeding a BN up to `reference`'s RMS row norm of the same layer (in place,
+    eval output unchanged; see the module docstring). Returns {conv name: rows rescaled}."""
+    ref = dict(reference.named_modules())
+    done: dict[str, int] = {}
+    for conv_name, bn_name in conv_bn_pairs(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if conv_name not in ref or bn.running_var is None:
+            continue
+        w_ref = ref[conv_name].weight
+        r = float(w_ref.detach().pow(2).sum() / w_ref.shape[0]) ** 0.5
+        norms = conv.weight.detach().flatten(1).norm(dim=1)             # (C_out,)
+        a = torch.where((norms > 0) & (norms < r), r / norms.clamp_min(1e-30),
+                        torch.ones_like(norms))
+        if not bool((a > 1).any()):
+            continue
+        conv.weight.mul_(a.view(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
+        if conv.bias is not None:
+            conv.bias.mul_(a.to(conv.bias.dtype))
+        bn.running_mean.mul_(a.to(bn.running_mean.dtype))
+        bn.running_var.mul_(a.pow(2)).add_((a.pow(2) - 1) * bn.eps)
+        done[conv_name] = int((a > 1).sum())
+    return done

@@ -1,0 +1,174 @@
+"""One rule for a regularizer's strength at a schedule the paper did not use: the target drift.
+
+The papers tune their strength (NS's lam = 1e-5, RSNLI's rho, OTO's lam, ...) for 160+ epochs.
+On a shorter schedule the same value barely moves anything. The rule asks how far the penalty
+*alone* must be able to move a channel's magnitude x_c (|gamma| for the BN-based methods, the
+group norm for the group-sparsity ones) during the sparse phase, and sets the strength so that:
+
+    drift(s) = s * u(schedule) = D,     D = Q_q({x_c : c in R}),
+
+where R is the set of channels the budget removes when the method's own scores are ranked at
+the start of the phase (so D grows with how much the target removes: a rule that ignores the
+target, e.g. "the 10% quantile of |gamma|", leaves most of the removed channels out of the
+penalty's reach), Q_q is the q-quantile (q = 0.9: robust to a few outliers in R), and u is the
+movement per unit strength over the phase's learning rates eta_t. A constant unit gradient
+moves a parameter by V(eta, mu) = sum_t eta_t v_t under `fit`'s SGD with Nesterov momentum mu
+(b_t = mu b_(t-1) + 1, v_t = 1 + mu b_t; about sum(eta) / (1 - mu) once the momentum has built
+up; `sgd_displacement` computes it exactly):
+
+    NS        grad(gamma) += lam sign(gamma)              u = V(eta, mu)
+    PR        lam (t |g| - |g - mean|), below the mean    u = (t + 1) V(eta, mu)
+    RSNLI     prox: |gamma| -= eta rho lam_l (no momentum) u = sum(eta_t w_t), x = |gamma| / lam_l
+              (w_t = rho_warmup / rho during the warm-up; rho_warmup keeps its ratio to rho)
+    SCP       lam * sum P_on; at z = 0 beta moves by lam phi(0) / gamma_med per unit lr
+                                                          u = phi(0) V(eta, mu) / gamma_med
+    OTO       grad(x_g) += lam x_g / ||x_g|| (ZIG momentum m) u = V(eta, m)
+    SSL       the same on filters and channels (lam_filter = lam_channel = s)
+    OICSR     the same on out-in-channels (scores are squared norms: x = sqrt(score))
+
+`margin` (default 1) multiplies D. Methods not in `RULES` (GBN, EagleEye, GREG, L1) plan their
+own phase and keep their values. `pipeline.run` applies the rule at every scale but 'full' when
+the method's strength parameters are still at their defaults (the papers' values), and writes
+the returned record into `result['strength']`.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .methods.base import Context, Method
+from .select import Budget
+
+__all__ = ["RULES", "Rule", "phase_lrs", "sgd_displacement", "target_drift", "apply",
+           "uses_defaults"]
+
+_PHI0 = 1.0 / math.sqrt(2.0 * math.pi)      # standard normal density at 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """params: hyperparameters set to the strength; unit(method, lrs, momentum, model): drift
+    per unit strength; magnitude(method, model): per-group x_c (default: the method's scores)."""
+    params: tuple[str, ...]
+    unit: Callable[[Method, list[float], float, nn.Module], float]
+    magnitude: Callable[[Method, nn.Module], dict[int, torch.Tensor]] | None = None
+    tied: dict[str, str] = field(default_factory=dict)     # param -> param it keeps a ratio to
+
+
+def sgd_displacement(lrs: list[float], momentum: float, nesterov: bool = True) -> float:
+    """How far SGD (torch's momentum / Nesterov recurrence) moves a parameter whose gradient is
+    constantly 1 over steps with learning rates `lrs`."""
+    buf, total = 0.0, 0.0
+    for lr in lrs:
+        buf = momentum * buf + 1.0
+        total += lr * (1.0 + momentum * buf if nesterov and momentum > 0 else buf)
+    return total
+
+
+def _gamma_of(method: Method, model: nn.Module) -> dict[int, torch.Tensor]:
+    from .methods.ns import group_gamma
+    return {g.index: group_gamma(model, g).cpu() for g in method.groups if g.bns()}
+
+
+def _rsnli_x(method: Method, model: nn.Module) -> dict[int, torch.Tensor]:
+    from .methods.rsnli import channel_cost
+    cost = channel_cost(model, method.all_groups, method.ctx.example_inputs)
+    return {i: s / cost[i] for i, s in _gamma_of(method, model).items()}
+
+
+def _rsnli_unit(m: Method, lrs: list[float], mu: float, model: nn.Module) -> float:
+    warm = math.ceil(m.warmup * len(lrs))
+    ratio = m.rho_warmup / m.rho if m.rho else 1.0
+    return ratio * sum(lrs[:warm]) + sum(lrs[warm:])
+
+
+def _scp_unit(m: Method, lrs: list[float], mu: float, model: nn.Module) -> float:
+    gam = torch.cat(list(_gamma_of(m, model).values()))
+    return _PHI0 * sgd_displacement(lrs, mu) / float(gam.median())
+
+
+RULES: dict[str, Rule] = {
+    "ns": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, mu), _gamma_of),
+    "pr": Rule(("lam",), lambda m, lrs, mu, _: (m.t + 1) * sgd_displacement(lrs, mu),
+               _gamma_of),
+    "rsnli": Rule(("rho",), _rsnli_unit, _rsnli_x, tied={"rho_warmup": "rho"}),
+    "scp": Rule(("lam",), _scp_unit, _gamma_of),
+    "oto": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, m.momentum)),
+    "ssl": Rule(("lam_filter", "lam_channel"), lambda m, lrs, mu, _: sgd_displacement(lrs, mu)),
+    "oicsr": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, mu),
+                  lambda m, model: {i: s.sqrt() for i, s in m.scores(model).items()}),
+}
+
+
+def phase_lrs(ctx: Context, steps_per_epoch: int) -> list[float]:
+    """The learning rate of every step of the sparse phase described by `ctx`."""
+    from .train import lr_factor
+    total = math.ceil(ctx.epochs * steps_per_epoch)
+    return [ctx.lr * lr_factor(s, total, ctx.schedule) for s in range(total)]
+
+
+def uses_defaults(method: Method) -> bool:
+    """True when every strength parameter of `method` still has its constructor default."""
+    rule = RULES.get(method.name)
+    if rule is None:
+        return False
+    sig = inspect.signature(type(method).__init__).parameters
+    return all(p in sig and getattr(method, p) == sig[p].default
+               for p in (*rule.params, *rule.tied))
+
+
+def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget, ctx: Context,
+                 quantile: float = 0.9, margin: float = 1.0) -> dict[str, Any]:
+    """The strength the target-drift rule gives `method` (not applied; see `apply`).
+
+    Works on copies: `model` and `method` are not changed. Returns a JSON-able record
+    {'rule', 'params': {name: value}, 'D', 'unit', 'removed', 'prunable', 'quantile', 'margin',
+    'steps', 'sum_lr'}.
+    """
+    rule = RULES.get(method.name)
+    if rule is None:
+        raise KeyError(f"no strength rule for method {method.name!r}; rules exist for "
+                       f"{', '.join(sorted(RULES))}")
+    if not (0 < quantile <= 1 and math.isfinite(margin) and margin > 0):
+        raise ValueError(f"need 0 < quantile <= 1 and margin > 0, got {quantile}, {margin}")
+    probe, work = copy.deepcopy(method), copy.deepcopy(model)
+    probe.ctx = ctx
+    probe.attach(work, groups)
+    keep = probe.select(work, budget)
+    mags = (rule.magnitude or (lambda m, mod: m.scores(mod)))(probe, work)
+    gone = []
+    for i, x in mags.items():
+        mask = torch.ones(x.numel(), dtype=torch.bool)
+        if i in keep:
+            mask[keep[i].cpu()] = False
+        gone.append(x.detach().float().cpu().reshape(-1)[mask])
+    gone_t = torch.cat(gone) if gone else torch.zeros(0)
+    prunable = sum(int(x.numel()) for x in mags.values())
+    if gone_t.numel() == 0:
+        raise ValueError(f"{method.name}: the budget {budget} removes no channel the method "
+                         "penalizes, so no strength can be derived; give the strength yourself")
+    lrs = phase_lrs(ctx, len(ctx.train_loader))
+    unit = rule.unit(probe, lrs, ctx.momentum, work)
+    d = float(torch.quantile(gone_t, quantile))
+    value = margin * d / unit
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{method.name}: the strength rule gave {value} (D={d}, unit={unit})")
+    params = {p: value for p in rule.params}
+    for p, base in rule.tied.items():
+        params[p] = value * getattr(method, p) / getattr(method, base)
+    return {"rule": "target drift", "params": params, "D": d, "unit": unit,
+            "removed": int(gone_t.numel()), "prunable": prunable, "quantile": quantile,
+            "margin": margin, "steps": len(lrs), "sum_lr": sum(lrs)}
+
+
+def apply(method: Method, record: dict[str, Any]) -> Method:
+    """Set the strength parameters of `record['params']` on `method` (in place); return it."""
+    for p, v in record["params"].items():
+        setattr(method, p, float(v))
+    return method

@@ -1,0 +1,218 @@
+"""The book's one protocol: strength rule, BN recalibration, row-norm restore, results helper."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunelib as pl
+from prunelib import methods, strength
+from prunelib.calibrate import conv_bn_pairs, recalibrate_bn, restore_bn_input_norms
+from prunelib.data import Batches
+from prunelib.methods.base import Context
+from prunelib.methods.ns import group_gamma
+from prunelib.models import get_model
+from prunelib.pipeline import SCALES, Scale, get_scale, run
+from prunelib.results import PHASES, phase_figure, standard_error, table, width_figure
+from prunelib.select import Budget, select_keep
+
+
+class Tiny:
+    def __init__(self, n=128):
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, n)
+        self.train = Batches(x, y, 32, augment=True)
+        self.test = Batches(x, y, 64, shuffle=False)
+        self.calib = Batches(x, y, 64, shuffle=True)
+
+
+def _varied(seed=0):
+    """A ResNet-20 whose BN gammas differ (a fresh one has all gamma = 1)."""
+    torch.manual_seed(seed)
+    model = get_model("resnet20")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.05, 1.0)
+    return model
+
+
+def _ctx(model, x, loader, epochs=2.0, lr=0.02):
+    return Context(example_inputs=x, train_loader=loader, epochs=epochs, lr=lr)
+
+
+# -- BN recalibration -------------------------------------------------------------------------
+def test_recalibrate_bn_gives_the_plain_mean_and_variance_of_the_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = [(torch.randn(8, 3, 6, 6) * (i + 1), None) for i in range(3)]
+    model[1].momentum = 0.3
+    recalibrate_bn(model, batches, n_batches=3)
+    with torch.no_grad():
+        outs = [model[0](x) for x, _ in batches]
+    means = torch.stack([o.mean((0, 2, 3)) for o in outs])
+    varis = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs])
+    assert torch.allclose(model[1].running_mean, means.mean(0), atol=1e-5)
+    assert torch.allclose(model[1].running_var, varis.mean(0), rtol=1e-4)
+    assert model[1].momentum == 0.3 and not model.training        # mode and momentum restored
+    assert int(model[1].num_batches_tracked) == 3
+
+
+def test_recalibrate_bn_changes_no_weight_and_refuses_bad_counts():
+    model = get_model("resnet20")
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    recalibrate_bn(model, Tiny().train, 2)
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    with pytest.raises(ValueError, match="n_batches"):
+        recalibrate_bn(model, Tiny().train, 0)
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_bn(model, [], 3)
+
+
+# -- row-norm restore -------------------------------------------------------------------------
+def test_restore_bn_input_norms_keeps_the_eval_output_and_restores_the_norms():
+    torch.manual_seed(0)
+    dense = get_model("resnet20")
+    recalibrate_bn(dense, Tiny().train, 2)
+    dense.eval()
+    shrunk = copy.deepcopy(dense)
+    conv = shrunk.layer2[0].conv1
+    with torch.no_grad():                       # a sparse phase shrank some rows ...
+        conv.weight[:5] *= 0.05
+        conv.weight[5] = 0.0                    # ... and zeroed one
+        bn = shrunk.layer2[0].bn1               # the BN statistics follow the shrink
+        bn.running_mean[:5] *= 0.05
+        bn.running_var[:5] = bn.running_var[:5] * 0.05 ** 2
+    x = torch.randn(4, 3, 32, 32)
+    ref_out = shrunk(x)
+    done = restore_bn_input_norms(shrunk, dense)
+    assert torch.allclose(shrunk(x), ref_out, atol=1e-4, rtol=1e-4)
+    r = float(dense.layer2[0].conv1.weight.detach().pow(2).sum() / conv.weight.shape[0]) ** 0.5
+    norms = conv.weight.detach().flatten(1).norm(dim=1)
+    assert torch.all(norms[:5] >= r * (1 - 1e-5)) and norms[5] == 0
+    assert done["layer2.0.conv1"] >= 5
+
+
+def test_conv_bn_pairs_finds_every_conv_bn_of_resnet20():
+    pairs = dict(conv_bn_pairs(get_model("resnet20")))
+    assert len(pairs) == 19 and pairs["layer1.0.conv1"] == "layer1.0.bn1"
+
+
+# -- strength rule ----------------------------------------------------------------------------
+def test_target_drift_sets_ns_lam_from_the_channels_the_budget_removes():
+    model = _varied()
+    x = torch.randn(1, 3, 32, 32)
+    groups = pl.channel_groups(model, x)
+    ns = methods.get("ns")
+    ctx = _ctx(model, x, Tiny().train)
+    rec = strength.target_drift(ns, model, groups, Budget(macs=0.5), ctx, quantile=0.9,
+                                margin=1.5)
+    # the oracle: rank |gamma| of the prunable groups ourselves
+    probe = methods.get("ns")
+    probe.ctx = ctx
+    probe.attach(copy.deepcopy(model), groups)
+    gam = {g.index: group_gamma(model, g) for g in probe.groups if g.bns()}
+    keep = select_keep(model, groups, gam, Budget(macs=0.5), example_inputs=x,
+                       min_keep=probe.min_keep)
+    gone = torch.cat([s[~torch.isin(torch.arange(len(s)), keep[i])] for i, s in gam.items()])
+    lrs = strength.phase_lrs(ctx, len(ctx.train_loader))
+    want = 1.5 * float(torch.quantile(gone, 0.9)) / strength.sgd_displacement(lrs, 0.9)
+    assert rec["params"]["lam"] == pytest.approx(want, rel=1e-6)
+    assert rec["removed"] == len(gone) and ns.lam == 1e-5         # nothing changed in place
+
+
+def test_target_drift_grows_with_how_much_the_budget_removes():
+    model = _varied()
+    x = torch.randn(1, 3, 32, 32)
+    groups = pl.channel_groups(model, x)
+    ctx = _ctx(model, x, Tiny().train)
+    lam = {r: strength.target_drift(methods.get("ns"), model, groups, Budget(macs=r),
+                                    ctx)["params"]["lam"] for r in (0.8, 0.5)}
+    assert lam[0.5] > lam[0.8]
+
+
+def test_ns_drift_per_unit_lam_is_what_sgd_with_momentum_moves_gamma():
+    # gamma under the penalty alone: SGD (Nesterov, mu 0.9) with grad = lam sign(gamma)
+    ctx = Context(example_inputs=None, train_loader=range(100), epochs=2.0, lr=0.02)
+    lrs = strength.phase_lrs(ctx, 100)
+    unit = strength.RULES["ns"].unit(methods.get("ns"), lrs, 0.9, None)
+    g = nn.Parameter(torch.tensor([100.0]))
+    opt = torch.optim.SGD([g], lr=1.0, momentum=0.9, nesterov=True)
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr
+        g.grad = torch.sign(g.detach())
+        opt.step()
+    assert 100.0 - float(g.detach()) == pytest.approx(unit, rel=1e-4)
+    assert unit < sum(lrs) / (1 - 0.9)                  # the steady-state bound
+
+
+def test_uses_defaults_tells_a_paper_value_from_a_given_one():
+    assert strength.uses_defaults(methods.get("ns"))
+    assert not strength.uses_defaults(methods.get("ns", lam=1e-3))
+    assert not strength.uses_defaults(methods.get("l1"))            # no rule for L1
+    assert set(strength.RULES) <= set(methods.names())
+
+
+# -- pipeline ---------------------------------------------------------------------------------
+def test_scales_hold_the_whole_protocol():
+    for sc in SCALES.values():
+        assert sc.budget() == Budget(macs=sc.target_macs)
+        assert sc.recal_batches >= 1 and sc.strength_margin > 0
+    assert get_scale("quick").test_subset == 5_000 and get_scale("full").test_subset is None
+
+
+def test_run_records_every_phase_and_the_strength_it_used():
+    model = get_model("resnet20")
+    pruned, res = run("ns", model, Tiny(), Budget(macs=0.6), reg_epochs=0.25, ft_epochs=0.25,
+                      recal_batches=2, measure_latency=False)
+    assert set(res["accuracy"]) == set(PHASES)
+    assert res["strength"]["rule"] == "target drift"
+    assert res["hparams"]["lam"] == pytest.approx(res["strength"]["params"]["lam"])
+    assert res["pruned"]["macs_ratio"] <= 0.6 and res["test_images"] == 128
+    _, res2 = run(methods.get("ns", lam=1e-3), model, Tiny(), Budget(macs=0.6), reg_epochs=0.25,
+                  ft_epochs=0, recal_batches=2, measure_latency=False)
+    assert res2["strength"]["rule"] == "method" and res2["hparams"]["lam"] == 1e-3
+    _, res3 = run("ns", model, Tiny(), Budget(macs=0.6), scale="full", reg_epochs=0.25,
+                  ft_epochs=0, recal_batches=2, measure_latency=False)
+    assert res3["hparams"]["lam"] == 1e-5                  # the paper's value at full scale
+    with pytest.raises(ValueError, match="strength"):
+        run("ns", model, Tiny(), strength="strong")
+
+
+# -- results helper ---------------------------------------------------------------------------
+def _fake(label, acc):
+    return {"method": label, "test_images": 2000,
+            "accuracy": dict(zip(PHASES, acc)),
+            "pruned": {"macs": 2e7, "macs_ratio": 0.5, "params": 1e5, "params_ratio": 0.4},
+            "dense_widths": {"conv1": 16, "fc": 10}, "widths": {"conv1": 8, "fc": 10},
+            "strength": {"params": {"lam": 0.02}}}
+
+
+def test_table_has_a_row_per_method_with_every_phase_and_the_standard_error():
+    rows = {"NS": _fake("ns", (90, 85, 20, 80, 86)), "L1": _fake("l1", (90, 90, 10, 60, 85))}
+    text = table(rows, latency=False)
+    lines = text.splitlines()
+    assert lines[0].count("|") == 10 and "recal." in lines[0]       # 9 columns
+    assert lines[2].startswith("| NS | 90.00 | 85.00 | 20.00 | 80.00 | 86.00 | 20.00M (0.50)")
+    assert "lam 0.02" in lines[2]
+    assert f"{standard_error(90, 2000):.2f}" in text
+
+
+def test_standard_error_is_binomial():
+    assert standard_error(50, 10_000) == pytest.approx(0.5)
+    assert standard_error(90, 2_000) == pytest.approx(100 * math.sqrt(0.09 / 2000))
+    with pytest.raises(ValueError):
+        standard_error(50, 0)
+
+
+def test_figures_draw_one_bar_set_per_phase_and_one_line_per_method():
+    import matplotlib
+    matplotlib.use("Agg")
+    rows = {"NS": _fake("ns", (90, 85, 20, 80, 86)), "L1": _fake("l1", (90, 90, 10, 60, 85))}
+    ax = phase_figure(rows)
+    assert len(ax.patches) == 2 * (len(PHASES) - 1)
+    ax = width_figure(rows)
+    assert len(ax.lines) == 2 and [p.get_height() for p in ax.patches] == [16, 10]

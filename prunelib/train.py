@@ -378,6 +378,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     try:
         model.load_state_dict(ckpt["state_dict"], strict=strict)
     except RuntimeError as e:
+        detail = " ".join(str(e).split())                   # torch lists every key: cut it
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
         raise CheckpointError(f"{path} does not match the {type(model).__name__} it is loaded "
-                              f"into: {e}") from e
+                              f"into (another architecture or width?): {detail}") from e
     return dict(ckpt.get("meta") or {})

@@ -1,22 +1,33 @@
 """One protocol for every method: dense baseline -> regularize -> remove -> fine-tune.
 
-    model, info = load_baseline("resnet20", data)             # committed / cached / trained
-    pruned, result = run("ns", model, data, Budget(macs=0.5), scale="quick")
+    data = load_data("quick")                                  # the scale's subsets and seed
+    model, info = load_baseline("resnet20", data)              # committed / cached / trained
+    pruned, result = run("ns", model, data, scale="quick")      # the scale's target: 50% MACs
 
 The phases and what `result` records (also the JSON written by `prunelib run`):
-  dense        accuracy, MACs, params of the baseline;
-  regularized  accuracy at the end of the method's sparse phase (gates still attached);
-  removed      accuracy right after the channels are physically removed (no training yet):
-               a regularizer earns its name when this is close to `regularized`;
-  finetuned    accuracy after plain fine-tuning of the smaller model.
-plus latency of both models (median ms at batch 1 and 64, on the run's device), wall time of
-every phase, the method's hyperparameters, torch version and device.
+  dense         accuracy, MACs, params of the baseline;
+  regularized   accuracy at the end of the method's sparse phase (gates still attached);
+  removed       accuracy right after the channels are physically removed (no training yet):
+                a regularizer earns its name when this is close to `regularized`;
+  recalibrated  the removed model after its BatchNorm statistics are re-estimated from
+                `recal_batches` training batches (no gradient step): a large gain over `removed`
+                means stale statistics, no gain and a low value a destroyed function;
+  finetuned     accuracy after plain fine-tuning of the smaller model (started from the
+                recalibrated one, after `calibrate.restore_bn_input_norms`, which scales conv
+                rows a strong sparse phase shrank back to the dense layer's RMS norm: the same
+                function, a sane effective learning rate).
+plus `strength` (the rule that set the regularizer's strength, `prunelib.strength`), latency of
+both models (median ms at batch 1 and 64, on the run's device), wall time of every phase, the
+method's hyperparameters, the layer widths before and after, torch version and device.
 
-Scales (every knob in one place, `SCALES`): 'quick' is minutes on a 2-core CPU (a 10k-image
-class-balanced training subset, 2 + 2 epochs from the committed baseline; a model without a
-committed or cached baseline gets a weak 15-epoch one on that subset, said in the log); 'full' is
-the papers' schedule for a GPU (full training set, 160 epochs of sparse training and 160 of
-fine-tuning, lr 0.1 with steps at 50% / 75%, as NS's official code).
+Scales: every setting of the book's one protocol lives in `SCALES`, and every chapter reads it
+from there (training subset, test subset, epochs of both phases, target, seed, recalibration
+batches). 'quick' is minutes on a 2-core CPU (a 10k-image class-balanced training subset, 5k test
+images, 2 + 2 epochs from the committed baseline; a model without a committed or cached baseline
+gets a weak 15-epoch one on that subset, said in the log); 'full' is the papers' schedule for a GPU
+(full training set and test set, 160 epochs of sparse training and 160 of fine-tuning, lr 0.1 with
+steps at 50% / 75%, as NS's official code). At every scale but 'full', a method whose strength
+is still the paper's default gets it from the target-drift rule (`prunelib.strength`).
 """
 from __future__ import annotations
 
@@ -52,15 +63,24 @@ class Scale:
     baseline_epochs: int        # dense training when no baseline checkpoint exists
     baseline_lr: float
     test_subset: int | None = None   # test images (None = all 10k)
+    target_macs: float = 0.5         # the protocol's budget: fraction of dense MACs kept
+    seed: int = 0                    # subsets, shuffling, augmentation, initial RNG state
+    recal_batches: int = 20          # training batches for the BN-recalibrated accuracy
+    strength_margin: float = 2.0     # target-drift rule (prunelib.strength): drift = margin * D
+    strength_quantile: float = 0.9   # ... D = this quantile of the to-be-removed magnitudes
+
+    def budget(self) -> Budget:
+        """The protocol's budget: Budget(macs=target_macs)."""
+        return Budget(macs=self.target_macs)
 
 
 SCALES: dict[str, Scale] = {
     "quick": Scale("quick", subset=10_000, holdout=1_000, batch_size=128, reg_epochs=2,
                    reg_lr=0.02, ft_epochs=2, ft_lr=0.02, schedule="cosine", weight_decay=5e-4,
-                   baseline_epochs=15, baseline_lr=0.1),
+                   baseline_epochs=15, baseline_lr=0.1, test_subset=5_000),
     "full": Scale("full", subset=None, holdout=5_000, batch_size=64, reg_epochs=160,
                   reg_lr=0.1, ft_epochs=160, ft_lr=0.1, schedule="step", weight_decay=1e-4,
-                  baseline_epochs=160, baseline_lr=0.1),
+                  baseline_epochs=160, baseline_lr=0.1, recal_batches=100),
 }
 
 
@@ -70,6 +90,18 @@ def get_scale(scale: str | Scale) -> Scale:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     return SCALES[scale]
+
+
+def load_data(scale: str | Scale = "quick", root: Any = None,
+              device: str | torch.device = "cpu", download: bool = False, **overrides: Any):
+    """CIFAR-10 with the scale's training subset, held-out images, test subset, batch size and
+    seed (`overrides` replace scale fields, e.g. test_subset=2000)."""
+    from .data import cifar10
+    sc = get_scale(scale)
+    if overrides:
+        sc = Scale(**{**asdict(sc), **overrides})
+    return cifar10(root, batch_size=sc.batch_size, subset=sc.subset, test_subset=sc.test_subset,
+                   holdout=sc.holdout, device=device, seed=sc.seed, download=download)
 
 
 def baseline_paths(model_name: str) -> list[Path]:
@@ -84,18 +116,41 @@ def load_baseline(model_name: str, data: Any = None, device: str | torch.device 
                   scale: str | Scale = "quick", quiet: bool = True,
                   train_if_missing: bool = True) -> tuple[nn.Module, dict]:
     """The dense baseline for `model_name`: loaded if cached or committed, else trained on
-    `data.train` for `scale.baseline_epochs` and saved to the cache. Returns (model, meta)."""
+    `data.train` for `scale.baseline_epochs` and saved (atomically) to the cache. Returns
+    (model, meta).
+
+    A baseline file that exists but cannot be loaded (truncated, corrupt, another architecture:
+    `train.CheckpointError`) is skipped with a warning that names it, why, and the file used
+    instead (the next of `baseline_paths`, or the newly trained one, saved over the cached path).
+    """
+    import warnings
+
     from .models import get_model
-    from .train import fit, load_checkpoint, save_checkpoint
-    model = get_model(model_name)
-    for path in baseline_paths(model_name):
-        if path.exists():
+    from .train import CheckpointError, fit, load_checkpoint, save_checkpoint
+    paths = baseline_paths(model_name)
+    unusable: list[str] = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        model = get_model(model_name)           # fresh: a failed load may have set some weights
+        try:
             meta = load_checkpoint(model, path)
-            return model.to(device), {**meta, "path": str(path)}
+        except CheckpointError as e:
+            unusable.append(str(e))
+            continue
+        if unusable:
+            warnings.warn(f"skipped unusable baseline(s): {'; '.join(unusable)}. Loaded {path} "
+                          f"instead", stacklevel=2)
+        return model.to(device), {**meta, "path": str(path)}
     if not train_if_missing or data is None:
         raise FileNotFoundError(
-            f"no baseline for {model_name} in {', '.join(map(str, baseline_paths(model_name)))}; "
-            f"train one with `prunelib train --model {model_name} --out <one of these paths>`")
+            f"no usable baseline for {model_name} in {', '.join(map(str, paths))}"
+            f"{' (' + '; '.join(unusable) + ')' if unusable else ''}; train one with "
+            f"`prunelib train --model {model_name} --out <one of these paths>`")
+    if unusable:
+        warnings.warn(f"skipped unusable baseline(s): {'; '.join(unusable)}. Training a new one, "
+                      f"saved to {paths[0]}", stacklevel=2)
+    model = get_model(model_name)
     sc = get_scale(scale)
     t0 = time.time()
     fit(model, data.train, epochs=sc.baseline_epochs, lr=sc.baseline_lr,
@@ -103,9 +158,8 @@ def load_baseline(model_name: str, data: Any = None, device: str | torch.device 
     from .train import evaluate
     meta = {"model": model_name, "epochs": sc.baseline_epochs, "seconds": time.time() - t0,
             "accuracy": evaluate(model, data.test, device=device)}
-    path = baseline_paths(model_name)[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, path, **meta)
+    path = paths[0]
+    save_checkpoint(model, path, **meta)        # atomic: never a half-written cached baseline
     return model, {**meta, "path": str(path)}
 
 
@@ -113,23 +167,37 @@ def make_method(method: str | Method, **hparams: Any) -> Method:
     return _methods.get(method, **hparams) if isinstance(method, str) else method
 
 
-def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
+def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | None = None,
         scale: str | Scale = "quick", device: str | torch.device | None = None,
-        quiet: bool = True, seed: int = 0, example_inputs: torch.Tensor | None = None,
+        quiet: bool = True, seed: int | None = None, example_inputs: torch.Tensor | None = None,
         measure_latency: bool = True, dense_accuracy: float | None = None,
-        **overrides: Any) -> tuple[nn.Module, dict]:
+        strength: str | dict | None = "auto", **overrides: Any) -> tuple[nn.Module, dict]:
     """Prune a copy of `model` with `method` under `budget`; return (pruned model, result).
 
-    `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods that plan
-    their sparse phase around the target (GBN's tick-tock, GREG's preset pruned set) read it
-    from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already measured it on
-    `data.test`, skips that evaluation. `result['widths']` gives the output channels of every
-    conv / linear layer of the pruned model, `result['dense_widths']` those of the baseline.
+    `budget` defaults to the scale's (`Scale.budget()`: 50% of the dense MACs), `seed` to the
+    scale's. `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods
+    that plan their sparse phase around the target (GBN's tick-tock, GREG's preset pruned set)
+    read it from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already
+    measured it on `data.test`, skips that evaluation.
+
+    strength: 'auto' applies the target-drift rule (`prunelib.strength`) at every scale but
+    'full', when the method has a rule and its strength parameters are at their defaults;
+    'rule' applies it whatever the scale; 'method' (or None) keeps the method's values; a dict
+    {param: value} sets them. `result['strength']` records what was used and why.
+    `result['widths']` gives the output channels of every conv / linear layer of the pruned
+    model, `result['dense_widths']` those of the baseline.
     """
+    from . import strength as _strength
+    from .calibrate import recalibrate_bn, restore_bn_input_norms
     from .train import evaluate, fit, seed_everything
     sc = get_scale(scale)
     if overrides:
         sc = Scale(**{**asdict(sc), **overrides})
+    budget = sc.budget() if budget is None else budget
+    seed = sc.seed if seed is None else seed
+    if strength not in ("auto", "rule", "method", None) and not isinstance(strength, dict):
+        raise ValueError(f"strength must be 'auto', 'rule', 'method', None or a dict of "
+                         f"hyperparameters, got {strength!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seed_everything(seed)
     m = make_method(method)
@@ -138,6 +206,7 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
     dense = copy.deepcopy(model).to(device).eval()
     res: dict[str, Any] = {"method": m.name, "scale": sc.name, "seed": seed,
                            "target": asdict(budget), "settings": asdict(sc),
+                           "test_images": int(getattr(data.test, "num_images", 0)) or None,
                            "torch": torch.__version__, "device": str(device), "seconds": {}}
     macs0, params0 = count(dense, x)
     t = time.time()
@@ -150,6 +219,21 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
                     calib_loader=getattr(data, "calib", None), device=device,
                     epochs=sc.reg_epochs, lr=sc.reg_lr, weight_decay=sc.weight_decay,
                     schedule=sc.schedule, quiet=quiet, extra={"budget": budget})
+    if isinstance(strength, dict):
+        _strength.apply(m, {"params": strength})
+        res["strength"] = {"rule": "given", "params": dict(strength)}
+    elif (m.name in _strength.RULES and sc.reg_epochs > 0
+          and (strength == "rule" or (strength == "auto" and sc.name != "full"
+                                      and _strength.uses_defaults(m)))):
+        rec = _strength.target_drift(m, work, groups, budget, m.ctx, sc.strength_quantile,
+                                     sc.strength_margin)
+        _strength.apply(m, rec)
+        res["strength"] = rec
+    else:
+        why = ("no rule: the method plans its own phase" if m.name not in _strength.RULES
+               else "the paper's values (full scale)" if sc.name == "full"
+               else "set by the caller")
+        res["strength"] = {"rule": "method", "why": why}
     t = time.time()
     work = m.attach(work, groups)
     work = m.regularize(work, m.ctx)
@@ -159,6 +243,11 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
     pruned = m.finish(work, budget)
     res["seconds"]["remove"] = time.time() - t
     acc_rm = evaluate(pruned, data.test, device=device)
+    t = time.time()
+    recalibrate_bn(pruned, data.train, sc.recal_batches)
+    acc_cal = evaluate(pruned, data.test, device=device)
+    res["seconds"]["recalibrate"] = time.time() - t
+    res["rescaled_rows"] = sum(restore_bn_input_norms(pruned, dense).values())
     t = time.time()
     if sc.ft_epochs > 0:
         fit(pruned, data.train, epochs=sc.ft_epochs, lr=sc.ft_lr,
@@ -170,7 +259,7 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget,
     res["pruned"] = {"accuracy": acc_ft, "macs": macs1, "params": params1,
                      "macs_ratio": macs1 / macs0, "params_ratio": params1 / params0}
     res["accuracy"] = {"dense": acc0, "regularized": acc_reg, "removed": acc_rm,
-                       "finetuned": acc_ft}
+                       "recalibrated": acc_cal, "finetuned": acc_ft}
     res["hparams"] = m.hparams()
     res["dense_widths"], res["widths"] = widths(dense), widths(pruned)
     if measure_latency:

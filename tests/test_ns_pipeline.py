@@ -75,7 +75,7 @@ def test_pipeline_meets_the_macs_target_and_reports_every_phase(name, device):
     pruned, res = run(name, model, Tiny(device), Budget(macs=0.5), reg_epochs=0.25,
                       ft_epochs=0.25, device=device, measure_latency=False)
     assert res["pruned"]["macs"] <= 0.5 * res["dense"]["macs"]
-    assert set(res["accuracy"]) == {"dense", "regularized", "removed", "finetuned"}
+    assert set(res["accuracy"]) == {"dense", "regularized", "removed", "recalibrated", "finetuned"}
     assert pl.count(pruned, torch.randn(1, 3, 32, 32, device=device))[0] == res["pruned"]["macs"]
     assert next(model.parameters()).shape == (16, 3, 3, 3)          # the input is untouched
     assert res["dense_widths"]["layer1.0.conv1"] == 16 and res["widths"]["fc"] == 10

@@ -416,7 +416,7 @@ def test_pipeline_run_prunes_resnet20_to_the_macs_budget(name, device):
     limit = 0.52 if name == "eagleeye" else 0.5
     assert res["pruned"]["macs_ratio"] <= limit
     assert res["pruned"]["params"] < res["dense"]["params"]
-    assert set(res["accuracy"]) == {"dense", "regularized", "removed", "finetuned"}
+    assert {"dense", "regularized", "removed", "finetuned"} <= set(res["accuracy"])
 
 
 @pytest.mark.parametrize("name,kw", [("rsnli", {"cost": "bogus"}), ("pr", {"valley": "x"}),

@@ -17,12 +17,23 @@ Residual policy (`residual`): which channel groups a method may prune.
   'internal' - only groups with a single source layer (trunk of a ResNet untouched: NS, GREG,
                ResRep, OTO v1, SSL, EagleEye);
   'coupled'  - also groups coupled through residual adds (GBN sums scores over coupled BNs).
+
+Hyperparameters are validated once, where they enter: every class declares each constructor
+argument in `HPARAMS` (an `HParam`: type, range, whether None is allowed; merged with the base
+class's), and its `__init__` stores them through `set_hparams`, which raises TypeError for a
+wrong type (bool/str/None where a number is due, a non-integer where an integer is due) and
+ValueError for a value outside the declared range, naming the method, the parameter, the value
+and what is allowed. `get` rejects unknown names. Until `attach` runs, every hook raises a
+RuntimeError that says to call attach(model, groups) first (a stand-in callable on the
+instance that `attach` removes: nothing is added to the per-step path).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -55,7 +66,114 @@ def get(name: str, **hparams: Any) -> "Method":
     key = name.lower()
     if key not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; registered: {', '.join(names())}")
-    return _REGISTRY[key](**hparams)
+    cls = _REGISTRY[key]
+    unknown = sorted(set(hparams) - set(cls.HPARAMS))
+    if unknown:
+        raise TypeError(f"{cls.__name__} ({key!r}): unknown hyperparameter(s) "
+                        f"{', '.join(unknown)}; known: {', '.join(cls.HPARAMS)}")
+    return cls(**hparams)
+
+
+@dataclass(frozen=True)
+class HParam:
+    """The declared type and range of one hyperparameter.
+
+    kind:    float (any real number, ints accepted), int (integers; an integer-valued float such
+             as 10.0 is accepted and stored as int), bool, or str (one of `choices`);
+    lo, hi:  bounds of a number (None: unbounded), open when `lo_open` / `hi_open`;
+    none:    None is allowed (e.g. "not set: derive it");
+    mapping: a {str: value} mapping of such values is allowed too (GREG's per-layer `pr`);
+    inf:     +inf is allowed (e.g. "never stop on this criterion"); otherwise numbers must be
+             finite;
+    note:    why the range, appended to the error message.
+    """
+    kind: type = float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    none: bool = False
+    mapping: bool = False
+    inf: bool = False
+    choices: tuple = ()
+    note: str = ""
+
+    def allowed(self) -> str:
+        """What is allowed, in words (used in every error message)."""
+        if self.kind is bool:
+            text = "True or False"
+        elif self.kind is str:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = "an integer" if self.kind is int else "a finite number"
+            if self.lo is not None and self.hi is not None:
+                text += (f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                         f"{')' if self.hi_open else ']'}")
+            elif self.lo is not None:
+                text += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+            elif self.hi is not None:
+                text += f" {'<' if self.hi_open else '<='} {self.hi:g}"
+        if self.inf:
+            text += ", or inf"
+        if self.mapping:
+            text += ", or a {layer-name prefix: value} mapping of such values"
+        if self.none:
+            text += ", or None"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def check(self, owner: str, name: str, value: Any) -> Any:
+        """`value` converted to `kind` (float / int), or TypeError / ValueError saying why not."""
+        if value is None and self.none:
+            return None
+        if self.mapping and isinstance(value, Mapping):
+            bad = [k for k in value if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"{owner}: {name} has non-string key(s) {bad!r}; {name} must "
+                                f"be {self.allowed()}")
+            return {k: self.check(owner, f"{name}[{k!r}]", v) for k, v in value.items()}
+        if self.kind in (bool, str):
+            if not isinstance(value, self.kind):
+                raise TypeError(f"{owner}: {name}={value!r} ({type(value).__name__}) is not "
+                                f"allowed: {name} must be {self.allowed()}")
+            if self.choices and value not in self.choices:
+                raise ValueError(f"{owner}: {name}={value!r} is not allowed: {name} must be "
+                                 f"{self.allowed()}")
+            return value
+        integral = isinstance(value, numbers.Integral) or (
+            isinstance(value, float) and value.is_integer())
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or (self.kind is int and not integral)):
+            raise TypeError(f"{owner}: {name}={value!r} ({type(value).__name__}) is not "
+                            f"allowed: {name} must be {self.allowed()}")
+        v = int(value) if self.kind is int else float(value)
+        if not (math.isfinite(v) or (self.inf and v == math.inf)) or not self.contains(v):
+            raise ValueError(f"{owner}: {name}={value!r} is not allowed: {name} must be "
+                             f"{self.allowed()}")
+        return v
+
+    def contains(self, v: float) -> bool:
+        """True when the number `v` lies within [lo, hi] (open ends excluded)."""
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or not (v > self.hi or (self.hi_open and v == self.hi))
+
+
+# hooks that raise a clear error until `attach` has run (see `_NotAttached`)
+HOOKS = ("param_groups", "loss_term", "after_backward", "after_step", "scores", "regularize",
+         "finish")
+
+
+class _NotAttached:
+    """Stands in for a hook on a method instance until `attach` runs (then it is removed, so
+    the hooks of an attached method are the class's own: no per-step check)."""
+    __slots__ = ("owner", "hook")
+
+    def __init__(self, owner: str, hook: str) -> None:
+        self.owner, self.hook = owner, hook
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.owner}: {self.hook}() was called before the method was "
+                           "attached to a model: call attach(model, groups) first")
 
 
 @dataclass
@@ -84,26 +202,58 @@ class Context:
 class Method(ABC):
     """Base class: every hook is a no-op; a subclass defines at least `scores`.
 
-    Subclasses set `residual` and override the hooks they need. `self.groups` holds the groups
-    the method may prune (already filtered by the residual policy) after `attach`.
+    Subclasses set `residual`, declare their constructor arguments in `HPARAMS` (merged with
+    this class's: residual, min_keep, min_channels), store them with `set_hparams`, and
+    override the hooks they need. `self.groups` holds the groups the method may prune (already
+    filtered by the residual policy) after `attach`.
     """
     name = "base"
     residual = "internal"
+    HPARAMS: ClassVar[dict[str, HParam]] = {
+        "residual": HParam(str, choices=("internal", "coupled"), none=True,
+                           note="None: the method's default"),
+        "min_keep": HParam(float, 0.0, 1.0, hi_open=True,
+                           note="fraction of every group that is always kept"),
+        "min_channels": HParam(int, lo=1, note="channels every group always keeps"),
+    }
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        merged: dict[str, HParam] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("HPARAMS", {}))
+        cls.HPARAMS = merged
 
     def __init__(self, residual: str | None = None, min_keep: float = 0.1,
                  min_channels: int = 1) -> None:
-        if residual is not None:
-            if residual not in ("internal", "coupled"):
-                raise ValueError(f"residual must be 'internal' or 'coupled', got {residual!r}")
+        for hook in HOOKS:
+            setattr(self, hook, _NotAttached(self.owner(), hook))
+        if self.HPARAMS["residual"].check(self.owner(), "residual", residual) is not None:
             self.residual = residual
-        self.min_keep = min_keep            # fraction of each group that is always kept
-        self.min_channels = min_channels    # and at least this many channels
+        # min_keep: fraction of each group that is always kept, and at least min_channels
+        self.set_hparams(min_keep=min_keep, min_channels=min_channels)
         self.groups: list[ChannelGroup] = []
         self.all_groups: list[ChannelGroup] = []
         self.ctx: Context | None = None
 
+    # -- hyperparameters ---------------------------------------------------------------------
+    def owner(self) -> str:
+        """'ClassName ('registered name')', the prefix of every error message of the method."""
+        return f"{type(self).__name__} ({self.name!r})"
+
+    def set_hparams(self, **values: Any) -> None:
+        """Check every value against its `HPARAMS` entry and store it as an attribute."""
+        for key, value in values.items():
+            setattr(self, key, self.HPARAMS[key].check(self.owner(), key, value))
+
+    def invalid(self, name: str, value: Any, allowed: str) -> ValueError:
+        """The ValueError for a value that passes its own range but not a joint condition."""
+        return ValueError(f"{self.owner()}: {name}={value!r} is not allowed: {allowed}")
+
     # -- hooks -------------------------------------------------------------------------------
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
+        for hook in HOOKS:
+            self.__dict__.pop(hook, None)
         self.all_groups = list(groups)
         self.groups = self.prunable(groups)
         return model

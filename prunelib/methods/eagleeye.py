@@ -37,7 +37,7 @@ from torch import nn
 from ..select import Budget, MacModel, min_keep_count
 from ..surgery import remove_channels
 from ..train import evaluate
-from .base import Context, Method, register
+from .base import Context, HParam, Method, register
 
 
 @torch.no_grad()
@@ -65,18 +65,32 @@ class EagleEye(Method):
     """Random L1 layer-wise strategies within the MACs window, adaptive-BN accuracy on held-out
     training data, best one kept (module docstring: procedure and defaults)."""
     residual = "internal"
+    HPARAMS = {
+        "n_candidates": HParam(int, lo=1),
+        "abn_batches": HParam(int, lo=0, note="train-mode batches of adaptive BN"),
+        "window": HParam(float, 0.0, 1.0, lo_open=True, hi_open=True,
+                         note="MACs-ratio tolerance around the target"),
+        "max_rate": HParam(float, 0.0, 1.0, lo_open=True, hi_open=True, none=True,
+                           note="width of the rate interval, min_rate + max_rate < 1; None: "
+                           "derived from the target"),
+        "min_rate": HParam(float, 0.0, 1.0, hi_open=True,
+                           note="lower end of the rate interval, used with max_rate"),
+        "target_macs": HParam(float, 0.0, 1.0, lo_open=True, none=True,
+                              note="fraction of dense MACs to keep when finish gets no Budget"),
+        "seed": HParam(int, lo=0),
+    }
 
     def __init__(self, n_candidates: int = 100, abn_batches: int = 100, window: float = 0.005,
                  max_rate: float | None = None, min_rate: float = 0.0,
                  target_macs: float | None = None, seed: int = 0, **kw: Any) -> None:
         super().__init__(**kw)
-        if n_candidates < 1 or abn_batches < 0 or window <= 0:
-            raise ValueError("need n_candidates >= 1, abn_batches >= 0 and window > 0")
-        if max_rate is not None and not 0 < max_rate + min_rate < 1:
-            raise ValueError("need 0 < min_rate + max_rate < 1")
-        self.n_candidates, self.abn_batches, self.window = n_candidates, abn_batches, window
-        self.max_rate, self.min_rate, self.target_macs, self.seed = (max_rate, min_rate,
-                                                                     target_macs, seed)
+        self.set_hparams(n_candidates=n_candidates, abn_batches=abn_batches, window=window,
+                         max_rate=max_rate, min_rate=min_rate, target_macs=target_macs,
+                         seed=seed)
+        if max_rate is not None and self.min_rate + self.max_rate >= 1:
+            raise self.invalid("max_rate", max_rate, f"min_rate + max_rate must be < 1 "
+                               f"(rates are min_rate + U(0, 1) * max_rate), min_rate = "
+                               f"{self.min_rate:g}")
         self.candidates: list[dict] = []
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:

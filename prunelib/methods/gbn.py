@@ -52,7 +52,7 @@ from ..graph import ChannelGroup
 from ..select import Budget, MacModel, select_keep
 from ..surgery import remove_channels
 from ..train import fit
-from .base import Context, Method, register
+from .base import Context, HParam, Method, register
 
 
 @register("gbn")
@@ -60,20 +60,26 @@ class GateDecorator(Method):
     """Gated BN with Taylor scores |phi * dL/dphi|, global tick-tock pruning, coupled residual
     groups (module docstring: equations, schedule and defaults)."""
     residual = "coupled"
+    HPARAMS = {
+        "lam": HParam(float, lo=0.0, note="a negative lam inverts the penalty"),
+        "p": HParam(float, 0.0, 1.0, lo_open=True, hi_open=True, none=True,
+                    note="fraction of the remaining filters pruned per tick; None: derived "
+                    "from the MACs target"),
+        "ticks_per_tock": HParam(int, lo=1),
+        "rounds": HParam(int, lo=1, note="tocks after the initial one"),
+        "tick_share": HParam(float, 0.0, 1.0, lo_open=True, hi_open=True,
+                             note="share of the phase spent in ticks"),
+        "target_macs": HParam(float, 0.0, 1.0, lo_open=True, none=True,
+                              note="fraction of dense MACs to keep; None: the context's "
+                              "Budget(macs=...)"),
+    }
 
     def __init__(self, lam: float = 1e-3, p: float | None = None, ticks_per_tock: int = 10,
                  rounds: int = 1, tick_share: float = 0.5, target_macs: float | None = None,
                  min_keep: float = 0.1, **kw: Any) -> None:
         super().__init__(min_keep=min_keep, **kw)
-        if p is not None and not 0 < p < 1:
-            raise ValueError(f"p must be in (0, 1), got {p}")
-        if ticks_per_tock < 1 or rounds < 1 or not 0 < tick_share < 1 or lam < 0:
-            raise ValueError("need ticks_per_tock >= 1, rounds >= 1, 0 < tick_share < 1, "
-                             "lam >= 0")
-        if target_macs is not None and not 0 < target_macs <= 1:
-            raise ValueError(f"target_macs must be in (0, 1], got {target_macs}")
-        self.lam, self.p, self.ticks_per_tock, self.rounds = lam, p, ticks_per_tock, rounds
-        self.tick_share, self.target_macs = tick_share, target_macs
+        self.set_hparams(lam=lam, p=p, ticks_per_tock=ticks_per_tock, rounds=rounds,
+                         tick_share=tick_share, target_macs=target_macs)
         self._collect = False
         self.log: list[dict] = []
 

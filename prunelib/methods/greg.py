@@ -18,6 +18,14 @@ GReg-2      grow lam for all filters uniformly (+delta_pick every K_u iterations
             filters in flat directions of the loss shrink faster, so magnitudes separate; then
             pick the pruned filters by magnitude with the layer-wise ratios and continue as
             GReg-1 for them, while the kept filters get the slightly negative lam_recover.
+            The pick needs ceil(tau_pick / delta_pick) updates, i.e. about that many times K_u
+            steps (defaults: 1000 x 10). A phase too short for it is not hidden: `regularize`
+            warns up front when the phase's steps cannot reach the pick, and when the pick has
+            not happened by the end of the phase (or at `finish`), the pruned set is picked by
+            the magnitudes as they are, with a warning, and `pick_reached` (recorded by
+            `hparams()`) is False. A warning rather than an error: the removal is still
+            well-defined and the phase's training is not thrown away, but the result says it
+            is not GReg-2 as specified.
 Decision    the paper's rule, `finish(model)`: remove exactly the chosen pruned set (preset
             layer-wise ratios). `finish(model, budget)` ranks all filters globally by mean |w|
             (the pruned ones have been driven towards 0, so they go first) for any Budget.
@@ -27,6 +35,8 @@ Ratios      `pr`: one float (uniform), or {layer-name prefix: ratio} (the longes
             so that the preset pruned set meets the MACs target: `ctx.extra['budget'].macs` when
             the caller puts the budget there, else `macs` (fraction of dense MACs kept, default
             0.5, the book's common target; `pipeline.run` passes the budget to `finish` only).
+            A key of `pr` that matches no layer of the model, or (with a ratio > 0) only layers
+            this method does not prune, is an error at `attach` that lists the prunable layers.
 Residual    'internal' (default): filter pruning never touches the last conv of a block or the
             shortcuts (official `_get_layer_pr_resnet`: ratios per stage, blocks' inner convs).
 Defaults    [option.py + README] delta = 1e-4 (reg_granularity_prune), tau = 1
@@ -38,6 +48,7 @@ Defaults    [option.py + README] delta = 1e-4 (reg_granularity_prune), tau = 1
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping
 
 import torch
@@ -47,7 +58,7 @@ from ..graph import ChannelGroup
 from ..measure import count
 from ..select import Budget
 from ..surgery import remove_channels
-from .base import Method, register
+from .base import Context, HParam, Method, register
 from .ssl import _grad, slices_of
 
 
@@ -61,32 +72,44 @@ class GReg(Method):
     """Growing regularization: grad(W_j) += lam_j W_j, lam_j += delta every K_u steps on the
     preset pruned filters (GReg-1) or after a uniform growth and a pick (GReg-2)."""
     residual = "internal"
+    HPARAMS = {
+        "variant": HParam(str, choices=("greg1", "greg2")),
+        "pr": HParam(float, 0.0, 1.0, hi_open=True, none=True, mapping=True,
+                     note="pruning ratio per layer; None: derived from the MACs target `macs`"),
+        "macs": HParam(float, 0.0, 1.0, lo_open=True, none=True,
+                       note="fraction of dense MACs to keep, used when pr is None"),
+        "delta": HParam(float, lo=0.0, lo_open=True, note="growth of lam per update"),
+        "tau": HParam(float, lo=0.0, lo_open=True, note="ceiling of lam"),
+        "k_u": HParam(int, lo=1, note="steps between lam updates"),
+        "mag_ratio_limit": HParam(float, lo=1.0, lo_open=True, inf=True,
+                                  note="kept / pruned magnitude ratio that stops the growth; "
+                                  "inf: never"),
+        "delta_pick": HParam(float, lo=0.0, lo_open=True, note="GReg-2 growth before the pick"),
+        "tau_pick": HParam(float, lo=0.0, lo_open=True, note="GReg-2 lam at the pick"),
+        "lam_recover": HParam(float, hi=0.0, note="GReg-2 lam of the kept filters"),
+    }
 
     def __init__(self, variant: str = "greg1", pr: float | Mapping[str, float] | None = None,
                  macs: float | None = 0.5, delta: float = 1e-4, tau: float = 1.0,
                  k_u: int = 10, mag_ratio_limit: float = 1000.0, delta_pick: float = 1e-5,
                  tau_pick: float = 1e-2, lam_recover: float = -1e-4, **kw) -> None:
         super().__init__(**kw)
-        if variant not in ("greg1", "greg2"):
-            raise ValueError(f"GREG: variant must be 'greg1' or 'greg2', got {variant!r}")
-        if isinstance(pr, (int, float)) and not 0 <= pr < 1:
-            raise ValueError(f"GREG: pr must be in [0, 1), got {pr!r}")
-        if isinstance(pr, Mapping) and not all(0 <= v < 1 for v in pr.values()):
-            raise ValueError(f"GREG: every ratio in pr must be in [0, 1), got {dict(pr)}")
-        if pr is None and (macs is None or not 0 < macs <= 1):
-            raise ValueError("GREG: give layer-wise ratios `pr` or a MACs target 0 < macs <= 1")
-        if not (delta > 0 and tau > 0 and k_u >= 1 and delta_pick > 0 and tau_pick > 0):
-            raise ValueError("GREG: delta, tau, delta_pick, tau_pick must be > 0 and k_u >= 1")
-        self.variant, self.pr, self.macs = variant, pr, macs
-        self.delta, self.tau, self.k_u = float(delta), float(tau), int(k_u)
-        self.mag_ratio_limit, self.delta_pick = float(mag_ratio_limit), float(delta_pick)
-        self.tau_pick, self.lam_recover = float(tau_pick), float(lam_recover)
+        self.set_hparams(variant=variant, pr=pr, macs=macs, delta=delta, tau=tau, k_u=k_u,
+                         mag_ratio_limit=mag_ratio_limit, delta_pick=delta_pick,
+                         tau_pick=tau_pick, lam_recover=lam_recover)
+        if pr is None and macs is None:
+            raise self.invalid("macs", macs, "give layer-wise ratios `pr` or a MACs target "
+                               "`macs` in (0, 1]")
         self.step = 0
         self.log: list[tuple[int, dict[int, torch.Tensor]]] = []
+        self.pick_reached: bool | None = None     # GReg-2: did the pick happen in the phase?
+        self._pick_warned = False
 
     # -- setup -------------------------------------------------------------------------------
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)
+        if isinstance(self.pr, Mapping):
+            self._check_pr_keys(model)
         self._filters = {}
         for g in self.groups:
             ss = [s for s in slices_of(model, g, ("out",), ("weight",))
@@ -103,7 +126,29 @@ class GReg(Method):
         if self.variant == "greg1":
             self.pruned = self.pick(model)
         self.step, self.log = 0, []
+        self.pick_reached, self._pick_warned = (None if self.variant == "greg1" else False), False
         return model
+
+    def _check_pr_keys(self, model: nn.Module) -> None:
+        """Every key of `pr` must name (a prefix of) a layer this method prunes."""
+        prunable = sorted({s for g in self.groups for s in g.sources})
+        modules = [n for n, _ in model.named_modules() if n]
+
+        def hits(key: str, names: list[str]) -> list[str]:
+            return [n for n in names if key == "" or n == key or n.startswith(key + ".")]
+        for key, ratio in self.pr.items():
+            if hits(key, prunable):
+                continue
+            found = hits(key, modules)
+            if not found:
+                raise ValueError(f"{self.owner()}: pr key {key!r} matches no layer of the "
+                                 f"model (keys are module-name prefixes); prunable layers: "
+                                 f"{', '.join(prunable)}")
+            if ratio > 0:
+                raise ValueError(f"{self.owner()}: pr key {key!r} (ratio {ratio:g}) matches "
+                                 f"{', '.join(found[:5])}{' ...' if len(found) > 5 else ''}, "
+                                 f"none of which this method prunes (residual="
+                                 f"{self.residual!r}); prunable layers: {', '.join(prunable)}")
 
     def _ratio_of(self, g: ChannelGroup) -> float:
         if isinstance(self.pr, (int, float)):
@@ -140,6 +185,40 @@ class GReg(Method):
         return out
 
     # -- growing regularization --------------------------------------------------------------
+    def pick_steps(self) -> int:
+        """Steps GReg-2 needs before its pick: ceil(tau_pick / delta_pick) updates, K_u apart
+        (the first update is at step 0)."""
+        return (math.ceil(self.tau_pick / self.delta_pick - 1e-9) - 1) * self.k_u + 1
+
+    def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """The sparse phase (plain SGD with the hooks); GReg-2 says so when it cannot pick."""
+        if (self.variant == "greg2" and self.pruned is None and ctx.epochs > 0
+                and hasattr(ctx.train_loader, "__len__")):
+            steps = self.step + math.ceil(ctx.epochs * len(ctx.train_loader))
+            if steps < self.pick_steps():
+                self._warn_pick(f"the phase has {steps} steps, the pick needs about "
+                                f"{self.pick_steps()} (ceil(tau_pick / delta_pick) = "
+                                f"{math.ceil(self.tau_pick / self.delta_pick - 1e-9)} updates "
+                                f"every k_u = {self.k_u} steps)")
+        model = super().regularize(model, ctx)
+        if self.variant == "greg2" and self.pruned is None:
+            self._pick_now(model, "the regularization phase ended")
+        return model
+
+    def _warn_pick(self, why: str) -> None:
+        if not self._pick_warned:
+            warnings.warn(f"{self.owner()}: GReg-2 will not reach its pick (lam = tau_pick = "
+                          f"{self.tau_pick:g}): {why}. The pruned set is then picked by the "
+                          "magnitudes as they are (pick_reached=False). Raise delta_pick, "
+                          "lower tau_pick or k_u, or lengthen the phase.", stacklevel=3)
+            self._pick_warned = True
+
+    def _pick_now(self, model: nn.Module | None, why: str) -> None:
+        lam = max((float(v.max()) for v in self.lam.values()), default=0.0)
+        self._warn_pick(f"{why} at lam = {lam:.3g} after {self.step} steps")
+        self.pruned = self.pick(model)
+        self.pick_reached = False
+
     def after_backward(self, model: nn.Module) -> None:
         with torch.no_grad():
             if self.step % self.k_u == 0:
@@ -161,6 +240,7 @@ class GReg(Method):
             if all(float(self.lam[i].max()) >= self.tau_pick
                    for i in self.lam if self.ratios[i] > 0):
                 self.pruned = self.pick()
+                self.pick_reached = True
             self.log.append((self.step, {i: m.clone() for i, m in mags.items()}))
             return
         for i, mask in self.pruned.items():
@@ -187,10 +267,11 @@ class GReg(Method):
 
     def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
         """Remove the preset pruned set (`budget` None) or follow `budget` by magnitude."""
+        if self.pruned is None:
+            self._pick_now(model, "finish was called before the pick")
         if budget is not None:
             return super().finish(model, budget)
-        pruned = self.pruned if self.pruned is not None else self.pick(model)
-        keep = {i: torch.nonzero(~m).flatten().cpu() for i, m in pruned.items()}
+        keep = {i: torch.nonzero(~m).flatten().cpu() for i, m in self.pruned.items()}
         return remove_channels(model, self.all_groups, keep)
 
 

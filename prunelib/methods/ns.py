@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Method, register
+from .base import HParam, Method, register
 
 
 def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -39,13 +39,17 @@ def group_gamma(model: nn.Module, g) -> torch.Tensor:
 class NetworkSlimming(Method):
     """Network Slimming: grad(gamma) += lam * sign(gamma); global |gamma| threshold."""
     residual = "internal"
+    HPARAMS = {
+        "lam": HParam(float, lo=0.0, note="a negative lam inverts the penalty"),
+        "gamma_init": HParam(float, lo=0.0, lo_open=True, none=True,
+                             note="None keeps the trained gamma"),
+        "penalize": HParam(str, choices=("all", "prunable"), note="'all': official code"),
+    }
 
     def __init__(self, lam: float = 1e-5, gamma_init: float | None = None,
                  penalize: str = "all", **kw) -> None:
         super().__init__(**kw)
-        if penalize not in ("all", "prunable"):
-            raise ValueError("penalize must be 'all' (official code) or 'prunable'")
-        self.lam, self.gamma_init, self.penalize = lam, gamma_init, penalize
+        self.set_hparams(lam=lam, gamma_init=gamma_init, penalize=penalize)
 
     def attach(self, model: nn.Module, groups):
         model = super().attach(model, groups)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGroup
-from .base import Method, register
+from .base import HParam, Method, register
 from .ssl import _grad, channel_sqnorm, lasso_step, slices_of
 
 
@@ -38,12 +38,11 @@ class OICSR(Method):
     """OICSR-GL: grad += lam * w_g/||w_g|| over each out-in-channel group; global greedy removal
     of the lowest-energy out-in-channels."""
     residual = "internal"
+    HPARAMS = {"lam": HParam(float, lo=0.0, note="a negative lam inverts the penalty")}
 
     def __init__(self, lam: float = 3e-3, **kw) -> None:
         super().__init__(**kw)
-        if not (isinstance(lam, (int, float)) and lam >= 0):
-            raise ValueError(f"OICSR: lam must be a number >= 0, got {lam!r}")
-        self.lam = float(lam)
+        self.set_hparams(lam=lam)
 
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)

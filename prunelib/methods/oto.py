@@ -40,7 +40,7 @@ from torch import nn
 
 from ..graph import ChannelGroup
 from ..select import Budget
-from .base import Context, Method, register
+from .base import Context, HParam, Method, register
 from .ssl import _grad, lasso_step, slices_of
 
 
@@ -49,21 +49,19 @@ class OTO(Method):
     """OTO / HSPG: group-lasso subgradient on zero-invariant groups, then half-space
     projection to exact zeros; zero groups are removed with no change of the output."""
     residual = "coupled"
+    HPARAMS = {
+        "lam": HParam(float, lo=0.0, note="a negative lam inverts the penalty"),
+        "eps": HParam(float, 0.0, 1.0, hi_open=True, note="of the half-space test"),
+        "n_p": HParam(float, 0.0, 1.0,
+                      note="fraction of the phase spent in the subgradient stage"),
+        "momentum": HParam(float, 0.0, 1.0, hi_open=True, note="of the ZIG parameters"),
+        "log_every": HParam(int, lo=0, note="steps between sparsity records, 0 = off"),
+    }
 
     def __init__(self, lam: float = 1e-3, eps: float = 0.0, n_p: float = 0.25,
                  momentum: float = 0.0, log_every: int = 10, **kw) -> None:
         super().__init__(**kw)
-        if not (isinstance(lam, (int, float)) and lam >= 0):
-            raise ValueError(f"OTO: lam must be a number >= 0, got {lam!r}")
-        if not 0 <= eps < 1:
-            raise ValueError(f"OTO: eps must be in [0, 1), got {eps!r}")
-        if not 0 <= n_p <= 1:
-            raise ValueError(f"OTO: n_p is the fraction of the phase spent in the subgradient "
-                             f"stage, in [0, 1]; got {n_p!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"OTO: momentum must be in [0, 1), got {momentum!r}")
-        self.lam, self.eps, self.n_p = float(lam), float(eps), float(n_p)
-        self.momentum, self.log_every = float(momentum), int(log_every)
+        self.set_hparams(lam=lam, eps=eps, n_p=n_p, momentum=momentum, log_every=log_every)
         self.total_steps: int | None = None    # set by `regularize` (or by hand)
         self.step = 0
         self.log: list[tuple[int, torch.Tensor]] = []

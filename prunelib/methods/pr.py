@@ -40,7 +40,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget, min_keep_count
 from ..surgery import remove_channels
-from .base import Method, register
+from .base import HParam, Method, register
 from .ns import bn_modules, group_gamma
 
 DEFAULTS = {"resnet56": {"lam": 5e-5, "t": 1.4}, "vgg16": {"lam": 3e-5, "t": 1.5}}
@@ -63,21 +63,28 @@ class Polarization(Method):
     """Polarization regularizer lam * sum(t|g| - |g - mean g|) on BN gamma, clamp to [0, a],
     histogram-valley threshold (see the module docstring for equations and defaults)."""
     residual = "internal"
+    HPARAMS = {
+        "lam": HParam(float, lo=0.0, note="a negative lam inverts the penalty"),
+        "t": HParam(float, 0.0, 2.0, lo_open=True, hi_open=True,
+                    note="t >= 2 sends every factor to 0"),
+        "clamp": HParam(float, lo=0.0, lo_open=True, note="the upper value a of gamma"),
+        "gamma_init": HParam(float, lo=0.0, lo_open=True, none=True,
+                             note="at most clamp; None keeps the trained gamma"),
+        "penalize": HParam(str, choices=("all", "prunable"), note="'all': official code"),
+        "decision": HParam(str, choices=("budget", "valley")),
+        "valley": HParam(str, choices=("layer", "global"),
+                         note="'layer': official code, 'global': paper figure"),
+    }
 
     def __init__(self, lam: float = 5e-5, t: float = 1.4, clamp: float = 1.0,
                  gamma_init: float | None = None, penalize: str = "all",
                  decision: str = "budget", valley: str = "layer", **kw: Any) -> None:
         super().__init__(**kw)
-        if penalize not in ("all", "prunable"):
-            raise ValueError("penalize must be 'all' (official code) or 'prunable'")
-        if decision not in ("budget", "valley"):
-            raise ValueError("decision must be 'budget' or 'valley'")
-        if valley not in ("layer", "global"):
-            raise ValueError("valley must be 'layer' (official code) or 'global' (paper figure)")
-        if lam < 0 or clamp <= 0:
-            raise ValueError("need lam >= 0 and clamp > 0")
-        self.lam, self.t, self.clamp, self.gamma_init = lam, t, clamp, gamma_init
-        self.penalize, self.decision, self.valley = penalize, decision, valley
+        self.set_hparams(lam=lam, t=t, clamp=clamp, gamma_init=gamma_init, penalize=penalize,
+                         decision=decision, valley=valley)
+        if self.gamma_init is not None and self.gamma_init > self.clamp:
+            raise self.invalid("gamma_init", gamma_init, f"gamma_init must be at most clamp="
+                               f"{self.clamp:g} (gamma is clamped to [0, clamp])")
 
     @classmethod
     def for_model(cls, name: str, **kw: Any) -> "Polarization":

@@ -49,7 +49,7 @@ from ..graph import ChannelGroup, Member
 from ..measure import layer_macs
 from ..select import Budget, select_keep
 from ..surgery import remove_channels
-from .base import Context, Method, register
+from .base import Context, HParam, Method, register
 
 _RELUS = (nn.ReLU, nn.ReLU6)
 _RELU_FNS = {F.relu, torch.relu, F.relu6}
@@ -216,19 +216,22 @@ class RSNLI(Method):
     """ISTA on BN gamma (exact zeros), warm-up of rho, optional gamma-W rescaling, constant
     channels folded into the next layer (see the module docstring for equations and defaults)."""
     residual = "internal"
+    HPARAMS = {
+        "rho": HParam(float, lo=0.0, note="a negative rho inverts the shrinkage"),
+        "rho_warmup": HParam(float, lo=0.0, note="rho of the warm-up steps"),
+        "warmup": HParam(float, 0.0, 1.0, note="fraction of the phase's steps"),
+        "cost": HParam(str, choices=("memory", "uniform"), note="'memory': official code"),
+        "alpha": HParam(float, lo=0.0, lo_open=True, note="gamma-W rescaling factor, 1 = off"),
+        "decision": HParam(str, choices=("budget", "zeros")),
+        "fold": HParam(bool),
+    }
 
     def __init__(self, rho: float = 5e-3, rho_warmup: float = 1e-3, warmup: float = 0.375,
                  cost: str = "memory", alpha: float = 1.0, decision: str = "budget",
                  fold: bool = True, **kw: Any) -> None:
         super().__init__(**kw)
-        if cost not in ("memory", "uniform"):
-            raise ValueError(f"cost must be 'memory' (official) or 'uniform', got {cost!r}")
-        if decision not in ("budget", "zeros"):
-            raise ValueError(f"decision must be 'budget' or 'zeros', got {decision!r}")
-        if rho < 0 or rho_warmup < 0 or not 0 <= warmup <= 1 or alpha <= 0:
-            raise ValueError("need rho, rho_warmup >= 0, 0 <= warmup <= 1 and alpha > 0")
-        self.rho, self.rho_warmup, self.warmup = rho, rho_warmup, warmup
-        self.cost, self.alpha, self.decision, self.fold = cost, alpha, decision, fold
+        self.set_hparams(rho=rho, rho_warmup=rho_warmup, warmup=warmup, cost=cost, alpha=alpha,
+                         decision=decision, fold=fold)
         self._pgroup: dict | None = None
         self._step, self._total = 0, 0
         self._scaled = False

@@ -46,7 +46,7 @@ from torch.special import log_ndtr, ndtr
 from ..graph import ChannelGroup
 from ..select import Budget, select_keep
 from ..surgery import remove_channels
-from .base import Method, register
+from .base import HParam, Method, register
 from .rsnli import bn_channels, decisive_bn, relu_after_bn
 
 
@@ -55,19 +55,23 @@ class SoftChannelPruning(Method):
     """Channel masks from P_off = Phi((eps - beta)/|gamma|) on BN+ReLU (soft 1 - P_off, or
     Concrete samples), lam * expected active channels, remove likely-off channels."""
     residual = "internal"
+    HPARAMS = {
+        "lam": HParam(float, lo=0.0, note="a negative lam rewards active channels"),
+        "eps": HParam(float, lo=0.0, note="a ReLU output <= eps counts as off"),
+        "temperature": HParam(float, lo=0.0, lo_open=True, note="of the Concrete masks"),
+        "tau": HParam(float, 0.0, 1.0, lo_open=True, hi_open=True,
+                      note="P_off >= tau means likely off"),
+        "mask": HParam(str, choices=("soft", "concrete"),
+                       note="'soft': deterministic 1 - P_off"),
+        "decision": HParam(str, choices=("budget", "off")),
+    }
 
     def __init__(self, lam: float = 1e-3, eps: float = 0.0, temperature: float = 0.5,
                  tau: float = 0.5, mask: str = "soft", decision: str = "budget",
                  **kw: Any) -> None:
         super().__init__(**kw)
-        if decision not in ("budget", "off"):
-            raise ValueError("decision must be 'budget' or 'off'")
-        if mask not in ("soft", "concrete"):
-            raise ValueError("mask must be 'soft' (deterministic 1 - P_off) or 'concrete'")
-        if not 0 < tau < 1 or temperature <= 0 or lam < 0:
-            raise ValueError("need 0 < tau < 1, temperature > 0 and lam >= 0")
-        self.lam, self.eps, self.temperature, self.tau = lam, eps, temperature, tau
-        self.decision, self.mask = decision, mask
+        self.set_hparams(lam=lam, eps=eps, temperature=temperature, tau=tau, mask=mask,
+                         decision=decision)
         self._handles: dict[str, Any] = {}
 
     # -- probabilities -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..graph import ChannelGroup, Member
 from ..select import Budget
-from .base import Method, register
+from .base import HParam, Method, register
 
 
 class Slices:
@@ -134,17 +134,21 @@ class SSL(Method):
     """SSL: grad += lam * w_g/||w_g|| on filter and channel groups (+ shape, depth); zeroes out
     |w| < zerout after each step; removes channels with a zero filter or channel group."""
     residual = "internal"
+    HPARAMS = {
+        "lam_filter": HParam(float, lo=0.0, note="a negative lam inverts the penalty"),
+        "lam_channel": HParam(float, lo=0.0, note="a negative lam inverts the penalty"),
+        "lam_shape": HParam(float, lo=0.0, note="0 = off"),
+        "lam_depth": HParam(float, lo=0.0, note="0 = off"),
+        "zerout": HParam(float, lo=0.0, note="0 = off; checked at attach: below the largest "
+                         "|w| of every regularized layer"),
+    }
 
     def __init__(self, lam_filter: float = 3e-3, lam_channel: float = 3e-3,
                  lam_shape: float = 0.0, lam_depth: float = 0.0, zerout: float = 1e-4,
                  **kw) -> None:
         super().__init__(**kw)
-        for k, v in dict(lam_filter=lam_filter, lam_channel=lam_channel, lam_shape=lam_shape,
-                         lam_depth=lam_depth, zerout=zerout).items():
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"SSL: {k} must be a number >= 0, got {v!r}")
-        self.lam_filter, self.lam_channel = float(lam_filter), float(lam_channel)
-        self.lam_shape, self.lam_depth, self.zerout = float(lam_shape), float(lam_depth), zerout
+        self.set_hparams(lam_filter=lam_filter, lam_channel=lam_channel, lam_shape=lam_shape,
+                         lam_depth=lam_depth, zerout=zerout)
 
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)
@@ -153,6 +157,13 @@ class SSL(Method):
         layers = {s.member.module for ss in (*self._filters.values(), *self._channels.values())
                   for s in ss}
         self._weights = [model.get_submodule(n).weight for n in sorted(layers)]
+        for n, w in zip(sorted(layers), self._weights):
+            top = float(w.detach().abs().max()) if w.numel() else 0.0
+            if 0 < top <= self.zerout:
+                raise self.invalid("zerout", self.zerout, f"the first step would zero every "
+                                   f"weight of {n!r} (largest |w| = {top:.3g}); zerout must be "
+                                   f"below the largest |w| of every regularized layer (README: "
+                                   f"1e-4)")
         self._convs = [w for w in self._weights if w.dim() > 2]
         self._depth = []
         for g in self.groups:

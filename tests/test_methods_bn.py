@@ -201,6 +201,44 @@ def test_pr_clamps_gamma_into_zero_a(device):
     torch.testing.assert_close(w, inside.clamp(0, 0.8).to(w))
 
 
+@pytest.mark.parametrize("t", [0.6, 1.4, 1.8])
+def test_pr_split_global_minimizer_vs_where_subgradient_descent_stops(t):
+    """The module docstring's split: on [0, 1]^n the minimizers of R_s put 1/2 + t/4 at 0;
+    projected subgradient descent on R_s alone (prunelib's update and clamp) from uniform gamma
+    stops at a local minimum with max(1/2, t/2) at 0."""
+    n = 1000
+    model = nn.Sequential(nn.Conv2d(1, n, 1, bias=False), nn.BatchNorm2d(n), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n, 2))
+    x = torch.randn(1, 1, 2, 2)
+    meth = get("pr", lam=1.0, t=t)
+    meth.ctx = Context(example_inputs=x)
+    meth.attach(model, pl.channel_groups(model, x))
+    gamma = model[1].weight
+    # global minimizer: R_s is concave, so only vertices count; a vertex is fixed by the number
+    # k of factors at 1 (penalty evaluated by prunelib on each of them)
+    vals = []
+    with torch.no_grad():
+        for k in range(n + 1):
+            gamma.copy_((torch.arange(n) < k).float())
+            vals.append(meth.penalty(model).item())
+    k_best = int(torch.tensor(vals).argmin())
+    assert abs((n - k_best) / n - (0.5 + t / 4)) <= 1.5 / n
+    # projected subgradient descent from uniform random gamma, task loss 0
+    with torch.no_grad():
+        gamma.copy_(torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    for _ in range(2000):
+        gamma.grad = torch.zeros_like(gamma)
+        meth.after_backward(model)
+        with torch.no_grad():
+            gamma.sub_(2e-3 * gamma.grad)
+        meth.after_step(model)
+    g = gamma.detach()
+    at_zero = float((g == 0).float().mean())
+    assert at_zero == pytest.approx(max(0.5, t / 2), abs=0.02)
+    assert (g[g > 0] > g.mean()).all()                  # every survivor sits above the mean
+    assert meth.penalty(model).item() > vals[k_best]    # a local, not the global, minimum
+
+
 def test_pr_valley_threshold_matches_hand_histogram():
     zeros_then_gap = torch.cat([torch.zeros(30), 0.5 + 0.1 * torch.rand(20)])
     assert valley_threshold(zeros_then_gap) == pytest.approx(0.01)

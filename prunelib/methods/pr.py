@@ -8,8 +8,21 @@ Objective   L = sum l(f(x; W), y) + R(W) + lam * R_s(gamma),
                        = sum_i ( t |gamma_i| - |gamma_i - gamma_bar| ),  gamma_i in [0, a],
             gamma_bar = the mean over ALL regularized scale factors of the network (one global
             mean, recomputed every step, differentiated through, as the official `bn_sparsity`).
-            R_s is concave; on the cube its minimizers put a fraction ~ 1/2 - t/4 of the factors
-            at 0 and the rest at a, so t sets how many channels are pushed to zero.
+Split       R_s is concave, so on the cube [0, a]^n its minimum lies at a vertex. With k factors
+            at a and n - k at 0 (mean k a / n), R_s = a (t k - 2 k (n - k) / n), smallest at
+            k / n = rho = 1/2 - t/4 (paper: floor(n rho) or floor(n rho) + 1 factors at a). So
+            the global minimizers put a fraction 1/2 + t/4 of the factors at 0 and 1/2 - t/4 at
+            a, for 0 < t < 2 (t = 1.4: 85% at 0); t >= 2 sends all of them to 0.
+            Subgradient descent does not reach that split by itself. At gamma_k > 0 the
+            subgradient is t - s_k + mean(s), s = sign(gamma - gamma_bar); with a fraction q of
+            the factors above the mean, mean(s) = 2q - 1, so a factor above the mean moves by
+            -(t - 2 + 2q) per unit step (it grows while q < 1 - t/2) and one below the mean by
+            -(t + 2q) < 0 (it always falls). The balance point is q = 1 - t/2: every vertex
+            with at most a fraction 1 - t/2 at a is a local minimum, and descent from gamma
+            spread over [0, a] stops near q = min(1/2, 1 - t/2), i.e. a fraction max(1/2, t/2)
+            at 0 (t = 1.4: 70%, not 85%; tests/test_methods_bn.py checks both numbers). In
+            training the task loss acts as well, so the split is what the data allow; t sets
+            how hard the factors are pushed towards 0.
 Update      after backward, grad(gamma_k) += lam * ( t sign(gamma_k) - sign(gamma_k - gamma_bar)
             + (1/n) sum_i sign(gamma_i - gamma_bar) ), the subgradient autograd gives for the
             formula (sign(0) = 0), computed in closed form over one flat vector; after every

@@ -393,6 +393,27 @@ def test_gbn_tick_tock_reaches_the_target_and_masked_removal_is_exact(device):
     torch.testing.assert_close(out(small, x), y0, rtol=1e-4, atol=1e-5)
 
 
+def test_gbn_stops_as_soon_as_the_target_is_met(device):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    meth, model, _ = setup("gbn", tiny(), x, device, epochs=2, target_macs=0.9, p=0.5,
+                           ticks_per_tock=2, rounds=2)
+    meth.regularize(model, meth.ctx)
+    assert meth.history == ["tock", "tick"]              # no tock or tick after the target
+    assert (meth.ticks_done, meth.tocks_done, meth.target_reached) == (1, 1, True)
+    assert len(meth.log) == 1 and meth.log[0]["macs_ratio"] <= 0.9
+
+
+def test_gbn_says_so_when_the_ticks_run_out_before_the_target(device):
+    x = torch.randn(2, 3, 16, 16, device=device)
+    meth, model, _ = setup("gbn", tiny(), x, device, epochs=1, target_macs=0.3, p=0.01,
+                           ticks_per_tock=1, rounds=1)
+    with pytest.warns(UserWarning, match=r"MACs target 0.3 was not reached in 1 ticks"):
+        meth.regularize(model, meth.ctx)
+    assert meth.history == ["tock", "tick", "tock"] and meth.log[-1]["macs_ratio"] > 0.3
+    assert meth.target_reached is False and meth.hparams()["target_reached"] is False
+
+
 # --- EagleEye ------------------------------------------------------------------------------------
 def test_mac_model_predicts_the_removed_model_exactly():
     x = torch.randn(1, 3, 32, 32)

@@ -35,6 +35,12 @@ Defaults    official ResNet-56: p = 0.002 of the remaining filters per tick, lam
             p = 1.1 * (1 - (1 - f)^(1 / ticks_left)), f the share of the remaining filters that
             a one-shot ranking by the current scores removes to meet the target (capped at 0.5);
             without a target, the official p = 0.002.
+Stop        as the official loop (`while True: ... if len(flops_save_points) == 0: break`): as
+            soon as the tick that meets the MACs target has pruned, the phase ends; no further
+            tock or tick runs (the official loop still runs a tock that falls due on that very
+            tick; the paper goes straight to fine-tuning, and so does prunelib). `history`
+            lists the tocks and ticks that ran, in order. If the ticks run out first, a
+            warning says so and `target_reached` is False (recorded by `hparams()`).
 Decision    tick-tock until the MACs target, then remove the masked channels
             (`finish(model, None)`); with a Budget, masked channels go first and the rest by
             Theta (|phi| if no tick ran) until the budget is met.
@@ -42,6 +48,7 @@ Decision    tick-tock until the MACs target, then remove the masked channels
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -82,6 +89,8 @@ class GateDecorator(Method):
                          tick_share=tick_share, target_macs=target_macs)
         self._collect = False
         self.log: list[dict] = []
+        self.history: list[str] = []               # 'tock' / 'tick', in the order they ran
+        self.target_reached: bool | None = None    # set by `regularize` when there is a target
 
     # -- gates ---------------------------------------------------------------------------------
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
@@ -106,7 +115,7 @@ class GateDecorator(Method):
         self._names = names
         self._gates = [model.get_submodule(n).gbn_gate for n in names]
         self._bns = [model.get_submodule(n) for n in names]
-        self.ticks_done = 0
+        self.ticks_done, self.tocks_done, self.history = 0, 0, []
         return model
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
@@ -206,20 +215,30 @@ class GateDecorator(Method):
         fit_kw = dict(weight_decay=ctx.weight_decay, momentum=ctx.momentum, hooks=self,
                       device=ctx.device, quiet=ctx.quiet)
         self._tock(model, ctx, tock_ep, fit_kw)
-        for r in range(self.rounds):
+        ratio = float(macs.ratio(self.removed_counts(model).double()))
+        self.target_reached = None if target is None else ratio <= target
+        for _ in range(self.rounds):
             for _ in range(self.ticks_per_tock):
-                ratio = float(macs.ratio(self.removed_counts(model).double()))
-                if target is not None and ratio <= target:
-                    break
+                if self.target_reached:
+                    return model              # target met: stop, no further tock or tick
                 left = sum(len(g.bns()) * int(self.masks(model)[g.index].sum())
                            for g in self.groups)
                 self._tick(model, ctx, tick_ep, fit_kw)
                 p = self.tick_fraction(model, target, ticks - self.ticks_done + 1, left)
                 n = self.prune_step(model, int(left * p), target, macs)
+                ratio = float(macs.ratio(self.removed_counts(model).double()))
                 self.log.append({"tick": self.ticks_done, "pruned": n, "p": p,
-                                 "macs_ratio": float(macs.ratio(
-                                     self.removed_counts(model).double()))})
+                                 "macs_ratio": ratio})
+                self.target_reached = None if target is None else ratio <= target
+            if self.target_reached:
+                return model
             self._tock(model, ctx, tock_ep, fit_kw)
+        if self.target_reached is False:
+            warnings.warn(f"{self.owner()}: the MACs target {target:g} was not reached in "
+                          f"{self.ticks_done} ticks (MACs ratio {ratio:.3f}); finish(model, "
+                          "None) removes only the masked channels, finish(model, budget) the "
+                          "rest by score. Use more ticks (rounds, ticks_per_tock) or p=None.",
+                          stacklevel=2)
         return model
 
     def tick_fraction(self, model: nn.Module, target: float | None, ticks_left: int,
@@ -242,6 +261,8 @@ class GateDecorator(Method):
         if epochs > 0:
             fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr, schedule="triangular",
                 gamma=0.1, **kw)
+            self.tocks_done += 1
+            self.history.append("tock")
 
     def _tick(self, model: nn.Module, ctx: Context, epochs: float, kw: dict) -> None:
         convs = [p for mod in model.modules() if isinstance(mod, nn.modules.conv._ConvNd)
@@ -259,6 +280,7 @@ class GateDecorator(Method):
             for q in convs:
                 q.requires_grad_(True)
         self.ticks_done += 1
+        self.history.append("tick")
 
     # -- back to a plain model -----------------------------------------------------------------
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """BN-based methods (RSNLI, PR, SCP, GBN, EagleEye): each update against an independent oracle,
 and every method end to end (smaller model, budget met, exact removal where claimed)."""
 import copy
+import math
 import types
 
 import pytest
@@ -459,6 +460,32 @@ def test_eagleeye_candidates_hit_the_macs_window_and_state_is_restored(device):
         assert torch.equal(v, state[k]), k
     with pytest.raises(ValueError, match="MACs target"):
         meth.finish(model, Budget(percent=0.3))
+
+
+def test_eagleeye_min_rate_alone_sets_the_lower_end_of_every_strategy(device):
+    x = torch.randn(2, 3, 16, 16, device=device)
+    model = tiny()
+    randomize_bn(model)
+    meth, model, _ = setup("eagleeye", model, x, device, n_candidates=4, abn_batches=1,
+                           window=0.03, min_rate=0.2)
+    meth.finish(model, Budget(macs=0.6))
+    lo, hi = meth.rate_range
+    assert lo == 0.2 and 0.2 < hi <= 1 - meth.min_keep
+    assert all((c["rates"] >= 0.2).all() and (c["rates"] <= hi).all() for c in meth.candidates)
+    assert all(abs(c["macs_ratio"] - 0.6) <= 0.03 for c in meth.candidates)
+    # the interval is centred on the uniform rate that meets the target
+    dense = pl.count(model, x)[0]
+
+    def uniform(rate):                       # MACs ratio when every group loses that fraction
+        keep = {g.index: torch.arange(g.size - math.floor(rate * g.size + 1e-6))
+                for g in meth.groups}
+        return pl.count(pl.remove_channels(model, meth.all_groups, keep), x)[0] / dense
+    mid = (lo + hi) / 2
+    assert uniform(mid) <= 0.6 < uniform(mid - 1 / 16)
+    high, model2, _ = setup("eagleeye", tiny(), x, device, min_rate=0.7, abn_batches=1)
+    with pytest.raises(ValueError, match=r"min_rate=0.7 is not allowed: min_rate must be below "
+                                         r"the uniform rate"):
+        high.finish(model2, Budget(macs=0.6))
 
 
 # --- every method end to end ---------------------------------------------------------------------

@@ -11,20 +11,31 @@ Strategy    per prunable layer (group) a prune ratio r_l = min_rate + U(0, 1) * 
             if its MACs ratio is within target +- window (official 0.005), predicted exactly from
             the factored layer costs (no model is built to reject a strategy).
 Adaptive BN put the pruned net in train mode and run `abn_batches` training batches without
-            gradients; running statistics are NOT reset (official: the BN momentum update alone;
-            search.py stops after 52 batches, the paper speaks of ~100 iterations: default 100).
+            gradients; running statistics are NOT reset (official: the BN momentum update alone).
+            Official search.py: `if index > 100: break` after each forward, i.e. 102 batches of
+            128 images (the README's snippet: max_iter = 100; the first version of search.py
+            stopped at index > 50); default abn_batches = 100. A loader with fewer batches than
+            `abn_batches` gets a warning (adaptive BN then runs one pass over it).
 Score       top-1 accuracy on held-out training images (ctx.calib_loader; the official
             imagenet_train_val_split). The best of `n_candidates` strategies is removed and
             returned with its adapted BN statistics; the pipeline then fine-tunes it.
 Rates       the official configs hand-set max_rate per target (0.4 / 0.7 / 0.8 for 25 / 50 / 75 %
-            FLOPs reduction of ResNet-50). max_rate=None chooses min_rate and max_rate so the mean
-            rate equals the uniform rate that meets the target, with min_rate + max_rate <=
-            1 - min_keep.
+            FLOPs reduction of ResNet-50; min_rate 0). Given max_rate: min_rate defaults to 0
+            (official). max_rate=None: max_rate is chosen so that the mean rate min_rate +
+            max_rate / 2 equals the uniform rate u that meets the target, with min_rate +
+            max_rate <= 1 - min_keep; min_rate=None as well chooses both (min_rate = 0,
+            max_rate = 2u, or, when 2u > 1 - min_keep, the interval of that width centred on u).
+            A given min_rate >= u is an error (every strategy would remove too much).
 Evaluation  candidates are evaluated in place: the channels of a strategy are zeroed on the
             working model (exact: zeroed producers give zero outputs, also in train-mode BN),
             adaptive BN runs, the score is taken, and the saved state is loaded back; no model
             copy per candidate.
-Residual    'internal' (the official ResNet-50 config keeps conv3 and the downsample intact).
+Residual    'internal' by default (the trunk keeps its width). The official ResNet-50 config
+            (compress_config/res50_imagenet.yaml) prunes the stem conv and conv1 / conv2 of every
+            bottleneck, and also each stage's conv3s together with its downsample conv as one
+            group with one ratio (distiller `group_dependency: Leader`): 37 ratios. That is
+            prunelib's coupled residual group, so residual='coupled' reproduces the official
+            grouping.
 """
 from __future__ import annotations
 
@@ -73,24 +84,25 @@ class EagleEye(Method):
         "max_rate": HParam(float, 0.0, 1.0, lo_open=True, hi_open=True, none=True,
                            note="width of the rate interval, min_rate + max_rate < 1; None: "
                            "derived from the target"),
-        "min_rate": HParam(float, 0.0, 1.0, hi_open=True,
-                           note="lower end of the rate interval, used with max_rate"),
+        "min_rate": HParam(float, 0.0, 1.0, hi_open=True, none=True,
+                           note="lower end of the rate interval; None: 0, or derived from the "
+                           "target when max_rate is None"),
         "target_macs": HParam(float, 0.0, 1.0, lo_open=True, none=True,
                               note="fraction of dense MACs to keep when finish gets no Budget"),
         "seed": HParam(int, lo=0),
     }
 
     def __init__(self, n_candidates: int = 100, abn_batches: int = 100, window: float = 0.005,
-                 max_rate: float | None = None, min_rate: float = 0.0,
+                 max_rate: float | None = None, min_rate: float | None = None,
                  target_macs: float | None = None, seed: int = 0, **kw: Any) -> None:
         super().__init__(**kw)
         self.set_hparams(n_candidates=n_candidates, abn_batches=abn_batches, window=window,
                          max_rate=max_rate, min_rate=min_rate, target_macs=target_macs,
                          seed=seed)
-        if max_rate is not None and self.min_rate + self.max_rate >= 1:
+        if max_rate is not None and (self.min_rate or 0.0) + self.max_rate >= 1:
             raise self.invalid("max_rate", max_rate, f"min_rate + max_rate must be < 1 "
                                f"(rates are min_rate + U(0, 1) * max_rate), min_rate = "
-                               f"{self.min_rate:g}")
+                               f"{self.min_rate or 0.0:g}")
         self.candidates: list[dict] = []
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
@@ -109,19 +121,26 @@ class EagleEye(Method):
     # -- strategies ------------------------------------------------------------------------------
     def _rates(self, macs: MacModel, target: float) -> tuple[float, float]:
         """(min_rate, max_rate): given, or centred on the uniform rate that meets `target`."""
+        low = 0.0 if self.min_rate is None else self.min_rate
         if self.max_rate is not None:
-            return self.min_rate, self.max_rate
-        sizes = torch.tensor([float(g.size) for g in self.groups])
+            return low, self.max_rate
+        n = len(self.groups)
         top = 1.0 - self.min_keep
         lo, hi = 0.0, top
-        if float(macs.ratio(self._removed(torch.full((1, len(sizes)), top))[0])) > target:
+        if float(macs.ratio(self._removed(torch.full((1, n), top))[0])) > target:
             raise ValueError(f"MACs target {target} cannot be met by pruning the internal "
                              f"groups at most {top:.0%} each")
         for _ in range(40):
             mid = (lo + hi) / 2
-            r = float(macs.ratio(self._removed(torch.full((1, len(sizes)), mid))[0]))
+            r = float(macs.ratio(self._removed(torch.full((1, n), mid))[0]))
             lo, hi = (mid, hi) if r > target else (lo, mid)
         uni = hi
+        if self.min_rate is not None:
+            if self.min_rate >= uni:
+                raise self.invalid("min_rate", self.min_rate, f"min_rate must be below the "
+                                   f"uniform rate {uni:.3f} that meets the MACs target "
+                                   f"{target:g}: every strategy would remove too much")
+            return self.min_rate, min(2 * (uni - self.min_rate), top - self.min_rate)
         if 2 * uni <= top:
             return 0.0, 2 * uni
         return top - 2 * (top - uni), 2 * (top - uni)
@@ -181,6 +200,10 @@ class EagleEye(Method):
             warnings.warn("no held-out calibration data (ctx.calib_loader): scoring strategies "
                           "on the training loader")
             held = ctx.train_loader
+        if hasattr(ctx.train_loader, "__len__") and len(ctx.train_loader) < self.abn_batches:
+            warnings.warn(f"{self.owner()}: abn_batches={self.abn_batches} but the training "
+                          f"loader has {len(ctx.train_loader)} batches: adaptive BN runs one "
+                          "pass over it")
         macs = MacModel(model, self.all_groups, ctx.example_inputs)
         gen = torch.Generator().manual_seed(self.seed)
         cands = self.sample(macs, target, self.n_candidates, gen)

@@ -7,7 +7,14 @@ option.py; GReg-1 = 'IncReg', GReg-2 = 'AdaReg' in the code).
 Penalty     a per-filter L2 term with its own, growing coefficient, applied to the gradient and
             not part of the loss (`_apply_reg`): after backward, grad(W_j) += lam_j * W_j for the
             filter rows W_j of the pruned layers' convs (BN and biases are not penalized); the
-            optimizer's own weight decay still acts on every weight.
+            optimizer's own weight decay still acts on every weight. The term,
+            sum_j lam_j ||W_j||^2 / 2, is smooth (gradient lam_j W_j everywhere, also at 0), so
+            the update is a plain gradient step, not a subgradient method: a penalized filter
+            shrinks geometrically and approaches 0 without reaching it exactly, which is why
+            the removal goes by magnitude.
+Weighting   not a group lasso (no ||W_j|| term, so no sqrt(p_g) weight in Yuan & Lin's sense):
+            the pull lam_j * w is the same on every element, whatever the filter's size, so
+            filters of different sizes at equal lam_j shrink at the same relative rate.
 GReg-1      1. fix the pruned set up front: in every prunable layer, the ratio r of its filters
                with the smallest L1 magnitude (mean |w| of the filter), at most size - 1;
             2. every K_u iterations: lam_j += delta for the pruned filters only (kept ones stay

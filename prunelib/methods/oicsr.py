@@ -9,6 +9,11 @@ Group       one out-in-channel: output channel k of layer l (its filter row and 
             concatenations it spans every producer and every consumer slice of the channel.
 Objective   L = E_D(W) + lam * sum_groups sum_k sqrt(||W^l[k, :]||^2 + ||W^(l+1)[:, k]||^2)
             (OICSR-GL: group lasso on the joint group; SSL puts the two halves in separate groups)
+Weighting   unweighted, as the formula above (no sqrt(p_g) factor of Yuan & Lin's group lasso,
+            p_g the group's number of weights; the paper's exact form is not verified, no code).
+            A group's pull has norm lam whatever its size, so per weight the large out-in groups
+            (wide consumers, big kernels) get about lam / sqrt(p_g), less than small ones; the
+            energy ranking of the decision also grows with group size.
 Update      subgradient after backward: grad(w_k) += lam * w_k / ||w_k|| over the whole joint
             group (0 for a zero group), then the usual SGD step.
 Decision    channel importance = the energy of the whole out-in group, E_k = ||W^l[k]||^2 +

@@ -9,17 +9,37 @@ Groups      zero-invariant groups (ZIGs): channel k of a ChannelGroup = every pr
             ('affine'). If a ZIG is zero the channel's output is exactly zero, whatever the input,
             so removing it leaves the network function unchanged: no fine-tuning is needed.
 Problem     min_x  f(x) + lam * sum_g ||x_g||_2
+Weighting   the plain sum of ||x_g|| (hspg.py: lam x_g / ||x_g|| for every group), not Yuan &
+            Lin's group lasso, which weights group g by sqrt(p_g), p_g its number of
+            parameters. Every group is pulled towards 0 by a step of norm lam whatever its size,
+            so per parameter a large group (a coupled trunk channel with many producers, a
+            filter with many inputs) gets about lam / sqrt(p_g), less than a small one; with
+            sqrt(p_g) weights the pull per parameter would be the same for all groups.
 HSPG        stage 1 (the first n_p of the phase): subgradient steps on psi = f + lam sum ||x_g||,
             grad(x_g) += lam x_g / ||x_g|| for non-zero groups (hspg.py sgd_step).
             stage 2 (half-space step): trial point x^ = x - alpha grad(psi) (the optimizer's
             step); every non-zero group with <x^_g, x_g> < eps ||x_g||^2 is projected to 0, and
             groups that were already zero stay zero (hspg.py half_space_step, "fixed non_free
-            variables"). Here `after_backward` adds the subgradient and saves x, the optimizer
-            step makes x^ on the very same tensors, and `after_step` projects. The ZIG tensors get
-            their own optimizer group with weight decay 0 (HSPG has none) and momentum
-            `momentum` (0 in the official configs); gradients of zero groups are set to 0 and
-            zero groups are re-zeroed after every step, so neither momentum nor weight decay can
-            revive them.
+            variables"). The condition is a half-space test: x^_g has left the half-space
+            {z : <z, x_g> >= eps ||x_g||^2} bounded by the hyperplane orthogonal to x_g through
+            eps x_g, i.e. the step shrank the component of x_g along itself below eps times its
+            length (eps = 0: the step turned the group by more than 90 degrees). It does not
+            mean that the group crossed the origin: x^_g can be far from 0 and fail it.
+            Here `after_backward` adds the subgradient and saves x, the optimizer step makes
+            x^ on the very same tensors, and `after_step` projects. The ZIG tensors get their
+            own optimizer group with weight decay 0 (HSPG has none) and momentum `momentum` (0
+            in the official configs); gradients of zero groups are set to 0 and zero groups are
+            re-zeroed after every step, so neither momentum nor weight decay can revive them.
+Descent     the half-space step decreases psi only under step-size conditions. The OTO / HSPG
+            analysis assumes f L-smooth, eps in [0, 1) and a step size bounded in terms of
+            (1 - eps) / L; for mini-batch gradients its guarantee holds in expectation, with
+            further conditions on step size and batch size (exact constants: the paper's
+            theorem; reference/methods.md does not quote them). The projection part is a
+            one-line check: a group projected with the others held has alpha <grad(psi)_g,
+            x_g> > (1 - eps) ||x_g||^2, so setting it to 0 changes psi by at most
+            -<grad(psi)_g, x_g> + (L / 2) ||x_g||^2 < -((1 - eps) / alpha - L / 2) ||x_g||^2,
+            a decrease when alpha < 2 (1 - eps) / L (f L-smooth, exact gradient). prunelib
+            enforces none of this: the step size is the pipeline's lr.
 Decision    remove exactly the zero groups: `finish(model)` (= Budget(threshold=0) on the group
             norm; exact, see tests). `finish(model, Budget(macs=r))` removes the zero groups and
             then the smallest-norm ones until the target is met (no longer exact).

@@ -7,6 +7,12 @@ Objective   E(W) = E_D(W) + lam_f sum_l sum_n ||W^l[n,:,:,:]||_2      (filter gr
                           + lam_c sum_l sum_c ||W^l[:,c,:,:]||_2      (channel groups)
                           + lam_s sum_l sum_(c,i,j) ||W^l[:,c,i,j]||_2  (shape groups, option)
                           + lam_d sum_b ||W^(b)||_2                   (depth groups, option)
+Weighting   the plain sum of ||w_g|| with one lam per group type (Caffe's GroupLassoRegularize),
+            not Yuan & Lin's group lasso, which weights group g by sqrt(p_g), p_g its number of
+            weights. Each group's pull lam w_g / ||w_g|| has norm lam whatever its size, so per
+            weight a large group (the filter of a layer with many inputs, the channel slice of a
+            layer with many outputs) gets about lam / sqrt(p_g), less than a small one; the
+            groups of wide layers are thus penalized less per weight than those of narrow ones.
 Update      a subgradient step, as the Caffe solver's GroupLassoRegularize: after backward,
             grad(w_g) += lam * w_g / ||w_g|| (0 for a group that is exactly zero), then plain SGD
             (momentum, weight decay). After every step each regularized weight with |w| < zerout

@@ -35,7 +35,7 @@ import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ class Scale:
     recal_batches: int = 20          # training batches for the BN-recalibrated accuracy
     strength_margin: float = 2.0     # target-drift rule (prunelib.strength): drift = margin * D
     strength_quantile: float = 0.9   # ... D = this quantile of the to-be-removed magnitudes
+    restore_norms: bool = True       # calibrate.restore_bn_input_norms before fine-tuning
 
     def budget(self) -> Budget:
         """The protocol's budget: Budget(macs=target_macs)."""
@@ -167,15 +168,19 @@ def make_method(method: str | Method, **hparams: Any) -> Method:
     return _methods.get(method, **hparams) if isinstance(method, str) else method
 
 
-def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | None = None,
+def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | str | None = None,
         scale: str | Scale = "quick", device: str | torch.device | None = None,
         quiet: bool = True, seed: int | None = None, example_inputs: torch.Tensor | None = None,
         measure_latency: bool = True, dense_accuracy: float | None = None,
-        strength: str | dict | None = "auto", **overrides: Any) -> tuple[nn.Module, dict]:
+        strength: str | dict | None = "auto",
+        on_sparse: Callable[[nn.Module, Method], None] | None = None,
+        **overrides: Any) -> tuple[nn.Module, dict]:
     """Prune a copy of `model` with `method` under `budget`; return (pruned model, result).
 
-    `budget` defaults to the scale's (`Scale.budget()`: 50% of the dense MACs), `seed` to the
-    scale's. `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods
+    `budget` defaults to the scale's (`Scale.budget()`: 50% of the dense MACs); 'own' lets the
+    method decide by its own rule (`finish(model, None)`: RSNLI's and OTO's exact zeros, PR's
+    valley, ...), while the strength rule still sizes the penalty for the scale's budget.
+    `seed` defaults to the scale's. `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods
     that plan their sparse phase around the target (GBN's tick-tock, GREG's preset pruned set)
     read it from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already
     measured it on `data.test`, skips that evaluation.
@@ -184,6 +189,8 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | None
     'full', when the method has a rule and its strength parameters are at their defaults;
     'rule' applies it whatever the scale; 'method' (or None) keeps the method's values; a dict
     {param: value} sets them. `result['strength']` records what was used and why.
+    `on_sparse(model, method)`, when given, is called at the end of the sparse phase, before
+    removal (e.g. to keep a copy of the sparse model, or to look at its scores).
     `result['widths']` gives the output channels of every conv / linear layer of the pruned
     model, `result['dense_widths']` those of the baseline.
     """
@@ -193,7 +200,10 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | None
     sc = get_scale(scale)
     if overrides:
         sc = Scale(**{**asdict(sc), **overrides})
-    budget = sc.budget() if budget is None else budget
+    own = isinstance(budget, str)
+    if own and budget != "own":
+        raise ValueError(f"budget must be a Budget, None (the scale's) or 'own', got {budget!r}")
+    budget = sc.budget() if budget is None or own else budget
     seed = sc.seed if seed is None else seed
     if strength not in ("auto", "rule", "method", None) and not isinstance(strength, dict):
         raise ValueError(f"strength must be 'auto', 'rule', 'method', None or a dict of "
@@ -205,7 +215,8 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | None
     x = x.to(device)
     dense = copy.deepcopy(model).to(device).eval()
     res: dict[str, Any] = {"method": m.name, "scale": sc.name, "seed": seed,
-                           "target": asdict(budget), "settings": asdict(sc),
+                           "target": {**asdict(budget), "own_rule": own},
+                           "settings": asdict(sc),
                            "test_images": int(getattr(data.test, "num_images", 0)) or None,
                            "torch": torch.__version__, "device": str(device), "seconds": {}}
     macs0, params0 = count(dense, x)
@@ -239,15 +250,18 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | None
     work = m.regularize(work, m.ctx)
     res["seconds"]["regularize"] = time.time() - t
     acc_reg = evaluate(work, data.test, device=device)
+    if on_sparse is not None:
+        on_sparse(work, m)
     t = time.time()
-    pruned = m.finish(work, budget)
+    pruned = m.finish(work, None if own else budget)
     res["seconds"]["remove"] = time.time() - t
     acc_rm = evaluate(pruned, data.test, device=device)
     t = time.time()
     recalibrate_bn(pruned, data.train, sc.recal_batches)
     acc_cal = evaluate(pruned, data.test, device=device)
     res["seconds"]["recalibrate"] = time.time() - t
-    res["rescaled_rows"] = sum(restore_bn_input_norms(pruned, dense).values())
+    res["rescaled_rows"] = (sum(restore_bn_input_norms(pruned, dense).values())
+                            if sc.restore_norms else 0)
     t = time.time()
     if sc.ft_epochs > 0:
         fit(pruned, data.train, epochs=sc.ft_epochs, lr=sc.ft_lr,

@@ -7,8 +7,10 @@ group norm for the group-sparsity ones) during the sparse phase, and sets the st
 
     drift(s) = s * u(schedule) = D,     D = Q_q({x_c : c in R}),
 
-where R is the set of channels the budget removes when the method's own scores are ranked at
-the start of the phase (so D grows with how much the target removes: a rule that ignores the
+where R is the set of channels the budget removes when x is ranked at the start of the phase
+(the channels the penalty must reach first to meet the budget; for most methods x orders the
+channels as the method's own scores do, for RSNLI it is |gamma| per unit of its channel cost;
+so D grows with how much the target removes: a rule that ignores the
 target, e.g. "the 10% quantile of |gamma|", leaves most of the removed channels out of the
 penalty's reach), Q_q is the q-quantile (q = 0.9: robust to a few outliers in R), and u is the
 movement per unit strength over the phase's learning rates eta_t. A constant unit gradient
@@ -140,8 +142,8 @@ def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget,
     probe, work = copy.deepcopy(method), copy.deepcopy(model)
     probe.ctx = ctx
     probe.attach(work, groups)
-    keep = probe.select(work, budget)
     mags = (rule.magnitude or (lambda m, mod: m.scores(mod)))(probe, work)
+    keep = probe.select(work, budget, scores=mags)
     gone = []
     for i, x in mags.items():
         mask = torch.ones(x.numel(), dtype=torch.bool)

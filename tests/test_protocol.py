@@ -17,6 +17,7 @@ from prunelib.models import get_model
 from prunelib.pipeline import SCALES, Scale, get_scale, run
 from prunelib.results import PHASES, phase_figure, standard_error, table, width_figure
 from prunelib.select import Budget, select_keep
+from prunelib.train import evaluate
 
 
 class Tiny:
@@ -216,3 +217,26 @@ def test_figures_draw_one_bar_set_per_phase_and_one_line_per_method():
     assert len(ax.patches) == 2 * (len(PHASES) - 1)
     ax = width_figure(rows)
     assert len(ax.lines) == 2 and [p.get_height() for p in ax.patches] == [16, 10]
+
+
+def test_own_rule_removes_only_what_the_method_zeroed_and_keeps_the_function():
+    model = get_model("resnet20")
+    pruned, res = run("oto", model, Tiny(), budget="own", reg_epochs=0.5, ft_epochs=0,
+                      recal_batches=1, measure_latency=False)
+    assert res["target"]["own_rule"] and res["strength"]["rule"] == "target drift"
+    assert res["accuracy"]["removed"] == pytest.approx(res["accuracy"]["regularized"], abs=1e-9)
+    with pytest.raises(ValueError, match="own"):
+        run("oto", model, Tiny(), budget="mine")
+
+
+def test_on_sparse_sees_the_model_at_the_end_of_the_sparse_phase():
+    seen = {}
+
+    def keep(model, method):
+        seen["model"], seen["scores"] = copy.deepcopy(model), method.scores(model)
+
+    _, res = run("ns", get_model("resnet20"), Tiny(), reg_epochs=0.25, ft_epochs=0,
+                 recal_batches=1, measure_latency=False, on_sparse=keep)
+    assert len(seen["scores"]) == 9
+    assert res["accuracy"]["regularized"] == pytest.approx(
+        evaluate(seen["model"], Tiny().test))

@@ -21,15 +21,22 @@ new channel of its own, and its group gets a member with role 'pad' (param 'pad'
 p < left is the left side, the others the right side) so that `remove_channels` narrows the pad.
 
 Channels that reach the network output, come from its input, pass through a normalization over
-channels (LayerNorm, GroupNorm, softmax) or a channel-mixing op (matmul, einsum), or reach a
-consumer through an op with f(0) != 0 (sigmoid, ...) are frozen: never in a group. An op we do not
-know raises `UnsupportedOpError` naming the node; `register_op` tells us what it does.
+channels (LayerNorm, GroupNorm, softmax) or a channel-mixing op (matmul, einsum), a reduction over
+channels, a literal index, slice, size or shift along channels (index_select, x[:, :4],
+view(n, 64, -1), roll), or reach a consumer through an op with f(0) != 0 (sigmoid, logsumexp
+over space, ...) are frozen: never in a group; so are the operands of an op with f(0) not finite
+(reciprocal, log, a divisor) and channels combined with a fixed-size constant. An op we do not
+know raises `UnsupportedOpError` naming the node; `register_op` tells us what it does. Every
+entry of the op table has a numerical test (tests/test_guarantees_graph.py).
+
+`example_inputs` must be a batch (batch dimension first; size 1 is fine): ValueError otherwise.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -37,6 +44,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .measure import check_batched, example_tuple
 from .models import ChannelPad
 
 ROLES = ("out", "in", "affine", "stat", "pad")
@@ -47,31 +55,40 @@ class UnsupportedOpError(RuntimeError):
 
 
 # --- what each op does to channels --------------------------------------------------------------
-# zero:    elementwise, f(0) = 0            unsafe:  elementwise, f(0) != 0
-# move:    only moves data: replay on codes  chan:    per channel, spatial dims may change
-# binary:  elementwise of two operands       reduce:  reduction over `dim`
+# The rule every entry obeys: a channel whose producers are zeroed must stay exactly 0, in the
+# same position, through the op, or the op freezes the channels it touches (or refuses them).
+# zero:    elementwise, f(0) = 0                unsafe:  elementwise, f(0) finite and != 0
+# freeze:  elementwise, f(0) not finite: the channels it touches are frozen
+# move:    only moves data: replayed on the codes; literal sizes/indices/shifts along channels
+#          (slices, split sizes, index_select, roll, ...) freeze or couple them (`literal_rules`)
+# chan:    pools / resamples the trailing spatial dims (pooling them with channels freezes)
+# binary:  elementwise of two operands          reduce:  reduction over `dim` with f(0) = 0
+# reduce_unsafe: reduction with f(0) != 0 (logsumexp): the result is not zero-safe
 # mix:     mixes channels: inputs frozen, output opaque          meta: returns no tensor
-_OPS: dict[str, str] = {}
+# Argument-dependent cases are refined in `_refine` (hardtanh with 0 outside [min, max], alpha
+# dropout in training). tests/test_guarantees_graph.py checks every entry numerically.
+_OPS: dict[str, str] = {}                     # filled below, then frozen as BUILTIN_OPS
 for _k, _names in {
     "zero": "relu relu_ relu6 leaky_relu leaky_relu_ gelu silu mish hardswish elu selu celu tanh "
             "hardtanh hardtanh_ softsign dropout dropout1d dropout2d dropout3d alpha_dropout "
-            "feature_alpha_dropout identity neg abs clone contiguous detach float double half "
+            "feature_alpha_dropout neg abs clone contiguous detach float double half "
             "bfloat16 to type type_as sin tanhshrink softshrink hardshrink erf sqrt "
             "stochastic_depth",
-    "unsafe": "sigmoid hardsigmoid softplus exp cos log_sigmoid logsigmoid reciprocal rsqrt",
+    "unsafe": "sigmoid hardsigmoid softplus exp cos log_sigmoid",
+    "freeze": "reciprocal rsqrt log",
     "move": "view reshape permute transpose t flatten unflatten squeeze unsqueeze expand "
             "expand_as repeat getitem cat concat concatenate stack chunk split tensor_split "
             "unbind narrow select index_select flip roll pixel_shuffle pixel_unshuffle "
             "channel_shuffle native_channel_shuffle movedim swapaxes pad",
     "chan": "max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d "
             "adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d "
-            "adaptive_max_pool3d lp_pool2d interpolate upsample upsample_nearest upsample_bilinear",
-    "binary": "add sub mul truediv div iadd isub imul itruediv add_ mul_ sub_ div_ rsub maximum "
-              "minimum",
-    "reduce": "mean sum amax amin std var logsumexp",
+            "adaptive_max_pool3d lp_pool2d interpolate",
+    "binary": "add sub mul truediv div add_ mul_ sub_ div_ rsub maximum minimum",
+    "reduce": "mean sum amax amin std var",
+    "reduce_unsafe": "logsumexp",
     "mix": "matmul bmm mm einsum softmax log_softmax layer_norm group_norm local_response_norm "
            "linear scaled_dot_product_attention baddbmm addmm norm",
-    "meta": "size dim numel getattr shape",
+    "meta": "size dim numel getattr",
 }.items():
     for _n in _names.split():
         _OPS[_n] = _k
@@ -81,32 +98,73 @@ _MODULE_OPS: dict[type, str] = {
     nn.Mish: "zero", nn.Hardswish: "zero", nn.ELU: "zero", nn.SELU: "zero", nn.CELU: "zero",
     nn.Tanh: "zero", nn.Hardtanh: "zero", nn.Softsign: "zero", nn.Identity: "zero",
     nn.Dropout: "zero", nn.Dropout1d: "zero", nn.Dropout2d: "zero", nn.Dropout3d: "zero",
-    nn.AlphaDropout: "zero", nn.Softshrink: "zero", nn.Hardshrink: "zero",
+    nn.AlphaDropout: "zero", nn.FeatureAlphaDropout: "zero", nn.Softshrink: "zero",
+    nn.Hardshrink: "zero",
     nn.Sigmoid: "unsafe", nn.Hardsigmoid: "unsafe", nn.Softplus: "unsafe",
     nn.MaxPool1d: "chan", nn.MaxPool2d: "chan", nn.MaxPool3d: "chan", nn.AvgPool1d: "chan",
     nn.AvgPool2d: "chan", nn.AvgPool3d: "chan", nn.AdaptiveAvgPool1d: "chan",
     nn.AdaptiveAvgPool2d: "chan", nn.AdaptiveAvgPool3d: "chan", nn.AdaptiveMaxPool1d: "chan",
     nn.AdaptiveMaxPool2d: "chan", nn.AdaptiveMaxPool3d: "chan", nn.LPPool2d: "chan",
     nn.Upsample: "chan", nn.UpsamplingNearest2d: "chan", nn.UpsamplingBilinear2d: "chan",
-    nn.ReflectionPad2d: "chan", nn.ReplicationPad2d: "chan",
-    nn.ZeroPad2d: "chan", nn.Flatten: "move", nn.Unflatten: "move", nn.PixelShuffle: "move",
+    nn.ReflectionPad2d: "move", nn.ReplicationPad2d: "move", nn.ZeroPad2d: "move",
+    nn.Flatten: "move", nn.Unflatten: "move", nn.PixelShuffle: "move",
     nn.PixelUnshuffle: "move", nn.ChannelShuffle: "move",
     nn.LayerNorm: "mix", nn.GroupNorm: "mix", nn.LocalResponseNorm: "mix", nn.Softmax: "mix",
     nn.LogSoftmax: "mix", nn.MultiheadAttention: "mix",
 }
+# the built-in tables, read-only (each entry has a test case); `register_op` adds to the user ones
+BUILTIN_OPS: Mapping[str, str] = MappingProxyType(_OPS)
+BUILTIN_MODULE_OPS: Mapping[type, str] = MappingProxyType(_MODULE_OPS)
+del _OPS, _MODULE_OPS
+_USER_OPS: dict[str, str] = {}
+_USER_MODULES: dict[type, str] = {}
+_PAD_MODULES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate",
+                nn.ZeroPad2d: "constant"}
+_TENSOR_ATTRS = ("T", "mT", "H", "mH", "data")   # tensor attributes that only move data
 
 
 def register_op(target: Any, kind: str) -> None:
-    """Tell `channel_groups` what an op does: kind in zero/unsafe/move/chan/mix (see above).
+    """Tell `channel_groups` what an op does: kind in zero/unsafe/freeze/move/chan/mix (see the
+    table above). Declaring a wrong kind breaks the exactness of pruning: when in doubt, 'mix'.
 
-    `target` is a function/method name (str) or an nn.Module subclass (traced as a leaf).
+    `target` is a function/method name (str) or an nn.Module subclass (traced as a leaf). An op
+    of the built-in table cannot be redeclared (its handling is tested).
     """
-    if kind not in ("zero", "unsafe", "move", "chan", "mix"):
-        raise ValueError(f"unknown op kind {kind!r}")
-    if isinstance(target, type):
-        _MODULE_OPS[target] = kind
-    else:
-        _OPS[str(target)] = kind
+    if kind not in ("zero", "unsafe", "freeze", "move", "chan", "mix"):
+        raise ValueError(f"register_op: unknown op kind {kind!r}; use one of zero, unsafe, "
+                         "freeze, move, chan, mix")
+    builtin = (BUILTIN_MODULE_OPS if isinstance(target, type) else BUILTIN_OPS)
+    key = target if isinstance(target, type) else str(target)
+    if key in builtin and builtin[key] != kind:
+        raise ValueError(f"register_op: {getattr(key, '__name__', key)!r} is built in as "
+                         f"{builtin[key]!r}; it cannot be redeclared as {kind!r}")
+    (_USER_MODULES if isinstance(target, type) else _USER_OPS)[key] = kind
+
+
+def _op_kind(name: str) -> str | None:
+    return _USER_OPS.get(name, BUILTIN_OPS.get(name))
+
+
+def _module_kind(mod: nn.Module) -> str | None:
+    t = type(mod)
+    return _USER_MODULES.get(t, BUILTIN_MODULE_OPS.get(t))
+
+
+def _refine(name: str, kind: str, args: tuple, kwargs: dict, mod: nn.Module | None) -> str:
+    """The kind of one call when it depends on the arguments: hardtanh(0) = min_val when
+    min_val > 0 (or max_val when max_val < 0); alpha dropout maps 0 to a non-zero value while
+    training."""
+    def arg(pos: int, key: str, default: Any) -> Any:
+        return kwargs.get(key, args[pos] if len(args) > pos else default)
+    if name in ("hardtanh", "hardtanh_", "Hardtanh"):
+        lo, hi = (mod.min_val, mod.max_val) if mod is not None else (
+            arg(1, "min_val", -1.0), arg(2, "max_val", 1.0))
+        return kind if lo <= 0 <= hi else "unsafe"
+    if name in ("alpha_dropout", "feature_alpha_dropout", "AlphaDropout", "FeatureAlphaDropout"):
+        p, training = (mod.p, mod.training) if mod is not None else (
+            arg(1, "p", 0.5), arg(2, "training", False))
+        return "unsafe" if training and p > 0 else kind
+    return kind
 
 
 # --- groups ---------------------------------------------------------------------------------------
@@ -196,7 +254,7 @@ class _LeafTracer(fx.Tracer):
     """torch.fx tracer that keeps ChannelPad and the modules given to `register_op` as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, ChannelPad) or type(m) in _MODULE_OPS
+        return (isinstance(m, ChannelPad) or _module_kind(m) is not None
                 or super().is_leaf_module(m, qualname))
 
 
@@ -298,7 +356,13 @@ class _Tracer:
 
     # handlers ------------------------------------------------------------------------------------
     def run(self) -> None:
-        gm = fx.GraphModule(self.model, _LeafTracer().trace(self.model))
+        before = set(vars(self.model))
+        try:
+            gm = fx.GraphModule(self.model, _LeafTracer().trace(self.model))
+        finally:                      # fx stores literal tensors of forward on the root module
+            self.constants = set(vars(self.model)) - before
+            for name in self.constants:
+                delattr(self.model, name)
         self.gm = gm
         last_use: dict[fx.Node, fx.Node] = {}
         for node in gm.graph.nodes:
@@ -341,10 +405,13 @@ class _Tracer:
         return _enc(ids.reshape(shape), True).expand(real.shape)
 
     def attr_code(self, target: str, t: Any) -> Any:
+        """A parameter / buffer with one dim of size > 1 is a per-channel tensor (a slot, sliced
+        by pruning); anything else, including constants that tracing created (literal tensors
+        built in forward, which the pruned model builds at the same size), is a constant."""
         if not isinstance(t, torch.Tensor):
             return None
         big = [d for d, s in enumerate(t.shape) if s > 1]
-        if len(big) != 1:
+        if len(big) != 1 or target in self.constants:
             return _const_code(t).expand(t.shape)
         owner, _, name = target.rpartition(".")
         d = big[0]
@@ -358,8 +425,9 @@ class _Tracer:
     def call(self, node: fx.Node, args: tuple, kwargs: dict, cargs: tuple, ckw: dict):
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
+            check_batched(node.target, mod, args[0] if args else None, "channel_groups")
             real = mod(*args, **kwargs)
-            return real, self.module_code(node, mod, real, args, cargs)
+            return real, self.module_code(node, mod, real, args, kwargs, cargs, ckw)
         fn = node.target
         if node.op == "call_method":
             real = getattr(args[0], fn)(*args[1:], **kwargs)
@@ -369,31 +437,50 @@ class _Tracer:
             name = getattr(fn, "__name__", str(fn))
         if not _tensors(args) and not _tensors(kwargs):
             return real, _const_like(real)
-        kind = _OPS.get(name)
-        if name == "getattr" or kind == "meta":
-            return real, _const_like(real) if isinstance(real, torch.Tensor) else None
+        kind = _op_kind(name)
         if kind is None:
             raise UnsupportedOpError(
                 f"channel_groups cannot follow channels through {node.op} {name!r} "
                 f"(node '{node.name}'). If it does not mix channels, declare what it does with "
                 f"prunelib.graph.register_op({name!r}, kind) before tracing.")
+        if name == "getattr":
+            return real, self.tensor_attr(args, cargs, real)
+        if kind == "meta" or not _tensors(real):            # sizes, dtypes, x.type() -> str
+            return real, None
+        kind = _refine(name, kind, args, kwargs, None)
         return real, self.apply(kind, name, node, real, args, kwargs, cargs, ckw)
+
+    def tensor_attr(self, args: tuple, cargs: tuple, real: Any) -> Any:
+        """getattr(owner, attr): T / mT / H / mH / data of a tensor only move data (replayed on
+        the codes); a field of a returned tuple keeps its codes; any other tensor attribute
+        (grad, real, ...) freezes the owner's channels and is opaque."""
+        if not isinstance(real, torch.Tensor):
+            return None
+        owner, attr = cargs[0], args[1]
+        if not isinstance(args[0], torch.Tensor) or attr in _TENSOR_ATTRS:
+            code = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(code, torch.Tensor) and code.shape == real.shape:
+                return code
+        self.freeze_code(owner)
+        return _const_code(None).expand(real.shape)
 
     def apply(self, kind: str, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
               cargs: tuple, ckw: dict) -> Any:
         x = cargs[0] if cargs else next(iter(ckw.values()))
         if kind == "zero":
             return x.expand(real.shape) if isinstance(x, torch.Tensor) else x
-        if kind == "unsafe":
+        if kind in ("unsafe", "freeze"):
+            if kind == "freeze":                     # f(0) = inf / nan: these never get zeroed
+                self.freeze_code(x)
             return _enc(_ids(x), False).expand(real.shape)
         if kind == "move":
             return self.replay(name, node, real, args, kwargs, cargs, ckw)
         if kind == "chan":
-            return self.channelwise(x, real)
+            return self.pooled(name, x, real)
         if kind == "binary":
-            return self.binary(name, args, cargs, real)
-        if kind == "reduce":
-            return self.reduce(x, real, args, kwargs)
+            return self.binary(name, args, kwargs, cargs, ckw, real)
+        if kind in ("reduce", "reduce_unsafe"):
+            return self.reduce(x, real, args, kwargs, zero_safe=kind == "reduce")
         self.freeze_code((cargs, ckw))                           # mix
         return _map_tensors(real, lambda r: _const_code(None).expand(r.shape))
 
@@ -405,10 +492,13 @@ class _Tracer:
                 cargs: tuple, ckw: dict) -> Any:
         """Run a data-movement op on the codes instead of the values.
 
-        A pruned model re-runs the same op with sizes derived from its (smaller) inputs, but with
-        the same literal constants. So before replaying, channels that a literal would misplace
-        are frozen (slices, narrow, literal split sizes, channel padding) or coupled so that
-        the structure survives removal (chunk, channel shuffle, a view that splits channels).
+        Only the data operand (the first argument: a tensor or a list of tensors) is replaced by
+        its codes; index tensors and sizes stay as they are. A pruned model re-runs the same op
+        with sizes derived from its (smaller) inputs, but with the same literal constants. So
+        before replaying, channels that a literal would misplace are frozen (slices, narrow,
+        index_select, literal split sizes, roll, channel padding) or coupled so that the
+        structure survives removal (chunk, channel shuffle, pixel shuffle, a view or unflatten
+        that splits channels).
         """
         def sub(real_arg: Any, code_arg: Any) -> Any:
             if isinstance(real_arg, torch.Tensor):
@@ -419,16 +509,29 @@ class _Tracer:
         x = cargs[0] if cargs and isinstance(cargs[0], torch.Tensor) else None
         if x is not None:
             self.literal_rules(name, node, x, args, kwargs, real)
-        a = tuple(sub(r, c) for r, c in zip(args, cargs))
-        kw = {k: sub(v, ckw[k]) for k, v in kwargs.items()}
+        if name in ("cat", "concat", "concatenate", "stack"):
+            parts = kwargs.get("tensors", args[0] if args else None)
+            codes = ckw.get("tensors", cargs[0] if cargs else None)
+            d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            self.couple_shapes(list(codes), parts[0].dim(), None if name == "stack" else d)
+        elif name == "expand_as":                 # x's full dims must keep matching `other`'s
+            a, b = torch.broadcast_tensors(cargs[0], cargs[1])
+            self.fixed_operand(a, b, args[0])
+            self.fixed_operand(b, a, args[1])
+            self.uf.union_arrays(_ids(a).numpy(), _ids(b).numpy())
+        a = (sub(args[0], cargs[0]),) + tuple(args[1:]) if args else ()
+        kw = {k: sub(v, ckw[k]) if k in ("input", "tensors") else v for k, v in kwargs.items()}
         if name == "pad":
             value = kw.pop("value", a[3] if len(a) > 3 else 0) or 0
             mode = kw.pop("mode", a[2] if len(a) > 2 else "constant")
-            if mode != "constant":
-                return self.channelwise(cargs[0], real)
-            return self.pad(a[0], list(a[1]), value)
+            return self.pad(kw["input"] if "input" in kw else a[0],
+                            list(kw["pad"] if "pad" in kw else a[1]), mode, value)
         if node.op == "call_module":
-            return self.gm.get_submodule(node.target)(*a, **kw)
+            mod = self.gm.get_submodule(node.target)
+            if type(mod) in _PAD_MODULES:
+                return self.pad(a[0], list(mod.padding), _PAD_MODULES[type(mod)],
+                                getattr(mod, "value", 0))
+            return mod(*a, **kw)
         if node.op == "call_method":
             fn = "reshape" if name == "view" else name
             return getattr(a[0], fn)(*a[1:], **kw)
@@ -436,16 +539,31 @@ class _Tracer:
             return cargs[0][args[1]]
         return node.target(*a, **kw)
 
-    def pad(self, code: torch.Tensor, pads: list[int], value: Any) -> torch.Tensor:
-        """Constant padding; positions padded along a channel dim get a frozen id (the pruned
-        model pads by the same literal amount, so whatever they are added to must stay)."""
+    def pad(self, code: torch.Tensor, pads: list[int], mode: str, value: Any) -> torch.Tensor:
+        """F.pad on the codes. The pruned model pads by the same literal amounts, so: constant
+        padding along a channel dim gives its positions a frozen id (whatever they are added to
+        must stay); cropping (negative pads) or reflect / replicate / circular padding along a
+        channel dim would misplace channels and freezes them. Padding along another dim adds
+        positions of the same channels, holding the pad value (zero-safe iff it is 0)."""
+        varying = _varying_dims(code)
+        padded = {code.dim() - 1 - i // 2: pads[i:i + 2] for i in range(0, len(pads), 2)}
+        along = {d: p for d, p in padded.items() if d in varying and any(p)}
+        if any(mode != "constant" or min(p) < 0 for p in along.values()):
+            self.freeze_code(code)
+        if mode != "constant":
+            return F.pad(code.contiguous(), pads, mode=mode)
         pin = int(self.uf.new(1)[0])
         self.freeze([pin])
-        varying = _varying_dims(code)
-        for i in range(0, len(pads), 2):
-            d = code.dim() - 1 - i // 2
-            fill = _enc(torch.tensor(pin), True) if d in varying else _const_code(value)
-            code = F.pad(code, [0, 0] * (i // 2) + pads[i:i + 2], value=int(fill))
+        for d, (left, right) in padded.items():
+            if d in varying:
+                fill = int(_enc(torch.tensor(pin), True))
+                code = F.pad(code, [0, 0] * (code.dim() - 1 - d) + [left, right], value=fill)
+                continue
+            code = code.narrow(d, max(0, -left), code.shape[d] - max(0, -left) - max(0, -right))
+            edge = _enc(_ids(code.narrow(d, 0, 1)), bool(_const_code(value)))
+            sizes = [list(code.shape[:d]) + [n] + list(code.shape[d + 1:])
+                     for n in (max(0, left), max(0, right))]
+            code = torch.cat([edge.expand(sizes[0]), code, edge.expand(sizes[1])], d)
         return code
 
     def literal_rules(self, name: str, node: fx.Node, x: torch.Tensor, args: tuple,
@@ -453,34 +571,81 @@ class _Tracer:
         varying = _varying_dims(x)
         if not varying:
             return
+        mod = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+        def arg(pos: int, key: str, default: Any = None) -> Any:
+            return kwargs.get(key, args[pos] if len(args) > pos else default)
+
         def dim_arg(pos: int, default: int = 0) -> int:
-            d = kwargs.get("dim", args[pos] if len(args) > pos else default)
-            return d % x.dim()
+            return arg(pos, "dim", default) % x.dim()
         if name == "getitem":
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(d in varying for d in _indexed_dims(idx, x.dim())):
                 self.freeze_code(x)
-        elif name in ("narrow", "select", "index_select", "unbind", "tensor_split"):
+        elif name in ("narrow", "select", "index_select", "unbind"):
             if dim_arg(1) in varying:
                 self.freeze_code(x)
         elif name == "split":
             if dim_arg(2) in varying:
                 self.freeze_code(x)
-        elif name == "chunk":
-            d, n = dim_arg(2), args[1]
+        elif name == "roll":                          # shifts by a literal amount: misplaces
+            dims = arg(2, "dims")
+            dims = (range(x.dim()) if dims is None or dims == () else
+                    [dims] if isinstance(dims, int) else dims)
+            if any(d % x.dim() in varying for d in dims):
+                self.freeze_code(x)
+        elif name in ("chunk", "tensor_split"):      # n equal blocks, or literal indices
+            d, n = dim_arg(2), arg(1, "chunks" if name == "chunk" else "indices_or_sections")
             if d in varying:
-                if x.shape[d] % n:
+                if not isinstance(n, int) or x.shape[d] % n:
                     self.freeze_code(x)
                 else:
                     self.couple_blocks(x, d, n)
         elif name in ("channel_shuffle", "native_channel_shuffle", "ChannelShuffle"):
-            g = (self.gm.get_submodule(node.target).groups if node.op == "call_module"
-                 else args[1] if len(args) > 1 else kwargs["groups"])
-            self.couple_blocks(x, 1, g)
+            self.couple_blocks(x, 1, mod.groups if mod is not None else arg(1, "groups"))
+        elif name in ("pixel_shuffle", "PixelShuffle"):   # blocks of r*r channels go together
+            r = mod.upscale_factor if mod is not None else arg(1, "upscale_factor")
+            if x.dim() - 3 in varying:
+                ids, _ = self.per_channel(x, x.dim() - 3, freeze_unsafe=False)
+                blocks = ids.reshape(-1, r * r)
+                for k in range(1, r * r):
+                    self.uf.union_arrays(blocks[:, 0], blocks[:, k])
+        elif name == "expand":                        # a literal size of a channel dim
+            sizes = node.args[1:] if len(node.args) > 2 or not isinstance(
+                node.args[1], (list, tuple)) else node.args[1]
+            lead = len(sizes) - x.dim()
+            if any(isinstance(sizes[lead + d], int) and sizes[lead + d] != -1
+                   for d in varying):
+                self.freeze_code(x)
         elif name in ("view", "reshape"):
             sizes = node.args[1:] if len(node.args) > 2 or not isinstance(
                 node.args[1], (list, tuple)) else node.args[1]
             self.split_rule(x, varying, list(sizes), real.shape)
+        elif name in ("unflatten", "Unflatten"):
+            if mod is not None:
+                d, sizes = mod.dim, mod.unflattened_size
+            else:
+                d = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+                sizes = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
+            d %= x.dim()
+            self.split_rule(x, varying, [-1] * d + list(sizes) + [-1] * (x.dim() - d - 1),
+                            real.shape)
+
+    def couple_shapes(self, codes: list[torch.Tensor], ndim: int, skip: int | None) -> None:
+        """Inputs of cat (along dim `skip`) or stack (skip None) must keep equal sizes along
+        their other dims in the pruned model: couple their positions along every such dim that
+        carries channels, and freeze those facing a position without channels (fixed size)."""
+        skip = None if skip is None else skip % ndim
+        dims = set().union(*(_varying_dims(c) for c in codes)) - {skip}
+        for e in sorted(dims):
+            per = [self.per_channel(c, e, freeze_unsafe=False)[0] for c in codes]
+            fixed = np.zeros(len(per[0]), dtype=bool)
+            for p in per:
+                self.uf.union_arrays(per[0], p)
+                fixed |= p < 0
+            if fixed.any():
+                for p in per:
+                    self.freeze(p[fixed])
 
     def couple_blocks(self, x: torch.Tensor, d: int, n: int) -> None:
         """Dim d is cut into n equal blocks whose size the pruned model derives from its input:
@@ -491,8 +656,9 @@ class _Tracer:
             self.uf.union_arrays(blocks[0], blocks[k])
 
     def split_rule(self, x: torch.Tensor, varying: set[int], sizes: list, out: torch.Size):
-        """A view that splits a channel dim into factors: factors given as literals stay fixed in
-        the pruned model, the others shrink; couple positions across the fixed factors."""
+        """A view / reshape / unflatten of channel dims. Sizes given as literals stay fixed in the
+        pruned model, the others shrink: a channel dim whose new size is all literal is frozen;
+        one split into factors, some literal, couples positions across the literal factors."""
         i = j = 0
         shape = list(x.shape)
         while i < len(shape) and j < len(out):
@@ -505,11 +671,12 @@ class _Tracer:
                     j += 1
                     pj *= out[j]
             factors = [k for k in range(j0, j + 1) if out[k] > 1]
-            if i == i0 and i0 in varying and len(factors) > 1:
-                lit = [k for k in factors if isinstance(sizes[k], int) and sizes[k] != -1]
-                if len(lit) == len(factors):
-                    self.freeze_code(x)
-                elif lit:
+            lit = [k for k in factors if isinstance(sizes[k], int) and sizes[k] != -1]
+            seg = varying & set(range(i0, i + 1))
+            if seg and factors and (len(lit) == len(factors) or (i > i0 and lit)):
+                self.freeze_code(x)                   # a literal size of a channel dim
+            elif i == i0 and seg and len(factors) > 1:
+                if lit:
                     ids, _ = self.per_channel(x, i0, freeze_unsafe=False)
                     arr = ids.reshape([out[k] for k in factors])
                     arr = np.moveaxis(arr, [factors.index(k) for k in lit],
@@ -519,17 +686,29 @@ class _Tracer:
                         self.uf.union_arrays(arr[0], arr[k])
             i, j = i + 1, j + 1
 
-    def channelwise(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        ids, safe = self.per_channel(x, 1, freeze_unsafe=False)
-        shape = [1] * real.dim()
-        shape[1] = -1
-        code = _enc(torch.from_numpy(ids), torch.from_numpy(safe).long())
-        return code.reshape(shape).expand(real.shape)
+    def pooled(self, name: str, x: torch.Tensor, real: Any) -> Any:
+        """Codes of a pooling / resampling op over the trailing spatial dims (the last 1, 2 or 3
+        by the op's name, else all dims after the second): a zeroed channel stays 0 at every
+        position of the other dims; pooling along a dim that carries channels freezes them.
+        With return_indices, the indices of a zeroed channel are not 0 (not zero-safe)."""
+        n = int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else x.dim() - 2
+        vals = real[0] if isinstance(real, tuple) else real
+        code = self.reduced(x, list(range(x.dim() - n, x.dim())), keep=True).expand(vals.shape)
+        if isinstance(real, tuple):
+            return type(real)((code, _enc(_ids(code), False).expand(real[1].shape)))
+        return code
 
-    def binary(self, name: str, args: tuple, cargs: tuple, real: torch.Tensor) -> torch.Tensor:
-        ca = [c if isinstance(a, torch.Tensor) else _const_code(a)
-              for a, c in zip(args[:2], cargs[:2])]
+    def binary(self, name: str, args: tuple, kwargs: dict, cargs: tuple, ckw: dict,
+               real: torch.Tensor) -> torch.Tensor:
+        ops, cops = list(args[:2]), list(cargs[:2])
+        for key in ("input", "other"):
+            if key in kwargs and len(ops) < 2:
+                ops.append(kwargs[key])
+                cops.append(ckw[key])
+        ca = [c if isinstance(a, torch.Tensor) else _const_code(a) for a, c in zip(ops, cops)]
         a, b = torch.broadcast_tensors(*ca)
+        self.fixed_operand(a, b, ops[0])
+        self.fixed_operand(b, a, ops[1])
         for d in range(a.dim()):                      # work on what actually varies
             if a.shape[d] > 1 and a.stride(d) == 0 and b.stride(d) == 0:
                 a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
@@ -537,27 +716,44 @@ class _Tracer:
         self.uf.union_arrays(ia.numpy(), ib.numpy())
         ids = torch.where(ia >= 0, ia, ib)
         sa, sb = _safe(a), _safe(b)
-        if name in ("mul", "imul", "mul_"):
+        if name in ("mul", "mul_"):
             safe = sa | sb
-        elif name in ("truediv", "div", "itruediv", "div_"):
+        elif name in ("truediv", "div", "div_"):
+            self.freeze(ib.unique().numpy())          # a zeroed divisor gives inf / nan
             safe = sa
         else:
             safe = sa & sb
         return _enc(ids, safe).expand(real.shape)
 
-    def reduce(self, x: torch.Tensor, real: Any, args: tuple, kwargs: dict) -> Any:
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-        vals = real[0] if isinstance(real, tuple) else real
-        dims = list(range(x.dim())) if dim is None else (
-            [dim] if isinstance(dim, int) else list(dim))
-        dims = [d % x.dim() for d in dims]
+    def fixed_operand(self, own: torch.Tensor, other: torch.Tensor, real: Any) -> None:
+        """Freeze the channels of `other` that face positions of `own` whose size cannot follow
+        the pruning: `own` is full-size along a dim where `other` carries channels, but has no
+        channels there (a constant, an opaque result) or only one repeated channel."""
+        if not isinstance(real, torch.Tensor):
+            return
+        full = {own.dim() - real.dim() + d for d in range(real.dim()) if real.shape[d] > 1}
+        dims = full & _varying_dims(other)
+        if not dims:
+            return
+        mine, theirs = _varying_dims(own), _ids(_squeeze_broadcast(other))
+        for d in dims:
+            if d not in mine:
+                self.freeze(theirs.unique().numpy())
+                return
+            o = _ids(_squeeze_broadcast(own, keep=d)).movedim(d, 0)
+            empty = torch.nonzero((o.reshape(o.shape[0], -1) < 0).all(1)).flatten()
+            if len(empty):
+                self.freeze(theirs.index_select(d, empty).unique().numpy())
+
+    def reduced(self, x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
+        """Codes of a reduction of `x` over `dims` with f(0) = 0: channels whose values are
+        combined with other channels' are frozen; a position is zero-safe if all its inputs are."""
+        x = _squeeze_broadcast(x)
         ids = _ids(x)
         lo, hi = ids, ids
         for d in dims:
             lo, hi = lo.amin(d, keepdim=True), hi.amax(d, keepdim=True)
-        varying = (lo != hi).expand_as(ids)
-        self.freeze(ids[varying].unique().numpy())
+        self.freeze(ids[(lo != hi).expand_as(ids)].unique().numpy())
         safe = _safe(x)
         for d in dims:
             safe = safe.amin(d, keepdim=True)
@@ -565,13 +761,29 @@ class _Tracer:
         if not keep:
             for d in sorted(dims, reverse=True):
                 code = code.squeeze(d)
+        return code
+
+    def reduce(self, x: torch.Tensor, real: Any, args: tuple, kwargs: dict,
+               zero_safe: bool = True) -> Any:
+        """sum / mean / amax / std / ... over `dim` (all dims when None or empty). keepdim is
+        read off the result; a bool second argument is std/var's `unbiased`, not a dim."""
+        vals = real[0] if isinstance(real, tuple) else real
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if isinstance(dim, bool) or not isinstance(dim, (int, list, tuple)):
+            dim = None
+        dims = (list(range(x.dim())) if dim is None or (not isinstance(dim, int) and not dim)
+                else [dim] if isinstance(dim, int) else list(dim))
+        dims = sorted({d % x.dim() for d in dims}) if x.dim() else []
+        code = self.reduced(x, dims, keep=vals.dim() == x.dim() and x.dim() > 0)
+        if not zero_safe:                              # e.g. logsumexp(0) = log(n) != 0
+            code = _enc(_ids(code), False)
         code = code.expand(vals.shape)
         if isinstance(real, tuple):                   # (values, indices)
             return type(real)((code, _const_code(None).expand(real[1].shape)))
         return code
 
-    def module_code(self, node: fx.Node, mod: nn.Module, real: Any, args: tuple,
-                    cargs: tuple) -> Any:
+    def module_code(self, node: fx.Node, mod: nn.Module, real: Any, args: tuple, kwargs: dict,
+                    cargs: tuple, ckw: dict) -> Any:
         name, kind = node.target, type(mod).__name__
         x = cargs[0] if cargs else None
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -601,13 +813,14 @@ class _Tracer:
                 ids, _ = self.per_channel(x, 1, freeze_unsafe=False)
                 self.slot(name, "weight", 0, ids, "stat", kind)
             return x.expand(real.shape)
-        op = next((k for t, k in _MODULE_OPS.items() if type(mod) is t), None)
+        op = _module_kind(mod)
         if op is None:
             raise UnsupportedOpError(
                 f"channel_groups cannot follow channels through module {kind} at '{name}'. "
                 f"If it does not mix channels, declare it with "
                 f"prunelib.graph.register_op({kind}, kind) before tracing.")
-        return self.apply(op, kind, node, real, args, {}, cargs, {})
+        op = _refine(kind, op, args, kwargs, mod)
+        return self.apply(op, kind, node, real, args, kwargs, cargs, ckw)
 
     def conv(self, name: str, mod: nn.Module, x: torch.Tensor, real: torch.Tensor):
         kind = type(mod).__name__
@@ -721,9 +934,12 @@ def _varying_dims(code: torch.Tensor) -> set[int]:
 
 
 def _indexed_dims(idx: tuple, ndim: int) -> list[int]:
-    """Dims of a tensor that an index tuple restricts (anything but a full ':' slice)."""
+    """Dims of a tensor that an index tuple restricts (anything but a full ':' slice); a bool
+    mask covers as many dims as it has."""
+    def span(e: Any) -> int:
+        return e.dim() if isinstance(e, torch.Tensor) and e.dtype == torch.bool else 1
     out, d = [], 0
-    n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
+    n_real = sum(span(e) for e in idx if e is not None and e is not Ellipsis)
     for e in idx:
         if e is Ellipsis:
             d += ndim - n_real
@@ -731,8 +947,8 @@ def _indexed_dims(idx: tuple, ndim: int) -> list[int]:
             continue
         else:
             if not (isinstance(e, slice) and e == slice(None)):
-                out.append(d)
-            d += 1
+                out.extend(range(d, d + span(e)))
+            d += span(e)
     return out
 
 
@@ -774,9 +990,13 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     random state is forked, so tracing a model in training mode does not overwrite its
     statistics with those of `example_inputs`. Every group holds a reference to `model`, which
     `ChannelGroup.zero_` acts on by default.
+
+    `example_inputs` must be a batch (batch dimension first; size 1 is fine): no tensor, an empty
+    batch or an unbatched input to a conv / linear layer is a ValueError. An op whose effect on
+    channels is not known raises `UnsupportedOpError` naming the node.
     """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    tracer = _Tracer(model, tuple(inputs))
+    inputs = example_tuple(example_inputs, "channel_groups")
+    tracer = _Tracer(model, inputs)
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     devices = sorted({b.device.index or 0 for b in saved.values() if b.is_cuda})
     with torch.no_grad(), torch.random.fork_rng(devices=devices):

@@ -5,6 +5,10 @@ convolution and linear layers for ONE input sample (the batch of `example_inputs
 out); FLOPs = 2 x MACs when a paper counts both the multiply and the add. BN, activations, pooling
 and additions are not counted. Parameters = every element of `model.parameters()`.
 
+`example_inputs` (here and in `channel_groups`) is a batch: a tensor or a tuple of model
+arguments whose first tensor has the batch dimension first (batch size 1 is fine). An empty batch,
+no tensor, or an unbatched sample (a 3-D image for a 2-D convolution) is a ValueError.
+
 Latency = median wall time of `reps` timed forward passes after `warmup` untimed ones, in eval
 mode under `torch.inference_mode`, with `torch.cuda.synchronize` around each pass on CUDA.
 """
@@ -21,6 +25,50 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose
            nn.ConvTranspose3d, nn.Linear)
 
 
+def example_tuple(example_inputs: Any, who: str) -> tuple:
+    """`example_inputs` as a tuple of model arguments, checked: it must hold a tensor, and its
+    first tensor must have a non-empty batch dimension. `who` names the caller in errors."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    first = next(iter(_flat_tensors(inputs)), None)
+    if first is None:
+        raise ValueError(f"{who}: example_inputs holds no tensor (got "
+                         f"{type(example_inputs).__name__}); give a batch of inputs, e.g. "
+                         "torch.randn(1, 3, 32, 32)")
+    if first.dim() == 0 or first.shape[0] == 0:
+        raise ValueError(f"{who}: example_inputs is an empty batch (shape {tuple(first.shape)}); "
+                         "give at least one sample, batch dimension first, e.g. "
+                         "torch.randn(1, 3, 32, 32)")
+    return inputs
+
+
+def check_batched(name: str, mod: nn.Module, x: Any, who: str) -> None:
+    """ValueError when a conv / linear layer receives an unbatched input (PyTorch accepts one,
+    but then dim 0 is not the batch and channels and MACs are misread)."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        want = len(mod.kernel_size) + 2
+    elif isinstance(mod, nn.Linear):
+        want = 2
+    else:
+        return
+    if x.dim() < want:
+        raise ValueError(
+            f"{who}: layer '{name}' ({type(mod).__name__}) received an unbatched {x.dim()}-D "
+            f"input of shape {tuple(x.shape)}; example_inputs must have a batch dimension "
+            f"first (at least {want}-D here): for a single sample use x.unsqueeze(0)")
+
+
+def _flat_tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat_tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _flat_tensors(v)]
+    return []
+
+
 def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, int, int, int]]:
     """Per conv/linear layer: (macs, a, d0, d1) with macs = a * d0 * d1 per sample.
 
@@ -28,13 +76,14 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, in
     convolutions, (rows of the input) for linear layers. `prunelib.select` uses this factored
     form to predict MACs after removing channels without running the model.
     """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 1
+    inputs = example_tuple(example_inputs, "count")
+    batch = _flat_tensors(inputs)[0].shape[0]
     out: dict[str, tuple[int, int, int, int]] = {}
     hooks = []
 
     def hook(name: str):
         def fn(mod: nn.Module, args: tuple, y: torch.Tensor) -> None:
+            check_batched(name, mod, args[0] if args else None, "count")
             w = mod.weight
             if isinstance(mod, nn.Linear):
                 a = y.numel() // batch // w.shape[0]
@@ -62,7 +111,10 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, in
 
 
 def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """(MACs per sample of conv + linear layers, number of parameters)."""
+    """(MACs per sample of conv + linear layers, number of parameters).
+
+    `example_inputs` must be a non-empty batch (see the module docstring): ValueError otherwise.
+    """
     macs = sum(v[0] for v in layer_macs(model, example_inputs).values())
     return int(macs), int(sum(p.numel() for p in model.parameters()))
 

@@ -4,16 +4,21 @@ Three rules, all global over the groups a method scores (higher score = more imp
   Budget(macs=r)       remove the lowest-scoring channels, one at a time, until the model's
                        MACs are <= r * dense MACs (predicted exactly from the factored layer
                        costs of `measure.layer_macs`, no forward pass per step);
-  Budget(percent=p)    remove the fraction p of all scored channels with the lowest scores
-                       (NS's global percentile);
+  Budget(percent=p)    remove exactly floor(p * n) of the n scored channels, the lowest-ranked
+                       ones (NS's global percentile, by rank: tied scores do not change the
+                       count);
   Budget(threshold=t)  remove every channel whose score is <= t.
-`MacModel` predicts the MACs of many removal counts at once (EagleEye's candidates, GBN's ticks).
-A per-group guard always keeps max(min_channels, ceil(min_keep * size)) channels (the
-highest-scoring ones), so no layer is emptied (NS's known crash).
+Ranking is by score, ties broken by group order then channel index (a stable sort), so the same
+scores always give the same keep sets. `MacModel` predicts the MACs of many removal counts at once
+(EagleEye's candidates, GBN's ticks). A per-group guard always keeps max(min_channels,
+ceil(min_keep * size)) channels (the highest-ranked ones), so no layer is emptied (NS's known
+crash): a channel the guard protects is skipped and the next-ranked one of another group goes
+instead, so the percent and MACs budgets fall short only when every group is at its minimum.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,24 +28,37 @@ from torch import nn
 from .graph import ChannelGroup
 from .measure import layer_macs
 
+_RANGES = {"macs": "(0, 1] (the fraction of dense MACs to keep)",
+           "percent": "[0, 1) (the fraction of scored channels to remove)",
+           "threshold": "any finite number (channels scoring <= it are removed)"}
+
 
 @dataclass
 class Budget:
-    """What to remove: exactly one of macs (fraction of dense MACs to keep), percent (fraction
-    of scored channels to remove) or threshold (remove scores <= threshold)."""
+    """What to remove: exactly one of macs (fraction of dense MACs to keep, in (0, 1]), percent
+    (fraction of scored channels to remove, in [0, 1)) or threshold (remove scores <= threshold,
+    finite). The value must be a real number (not bool / str): TypeError; NaN, inf or out of
+    range: ValueError. It is stored as a float."""
     macs: float | None = None
     percent: float | None = None
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("macs", "percent", "threshold") if getattr(self, k) is not None]
+        given = [k for k in _RANGES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a Budget needs exactly one of macs/percent/threshold, got {given}")
-        if self.macs is not None and not 0 < self.macs <= 1:
-            raise ValueError(f"Budget(macs={self.macs}): the fraction of MACs to keep must be "
-                             "in (0, 1]")
-        if self.percent is not None and not 0 <= self.percent < 1:
-            raise ValueError(f"Budget(percent={self.percent}) must be in [0, 1)")
+            raise ValueError(f"a Budget needs exactly one of macs/percent/threshold, got "
+                             f"{given or 'none'}")
+        key = given[0]
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"Budget({key}={value!r}): {key} must be a real number in "
+                            f"{_RANGES[key]}, not {type(value).__name__}")
+        value = float(value)
+        ok = math.isfinite(value) and (key == "threshold" or (
+            0 < value <= 1 if key == "macs" else 0 <= value < 1))
+        if not ok:
+            raise ValueError(f"Budget({key}={value}): {key} must be in {_RANGES[key]}")
+        setattr(self, key, value)
 
 
 class MacModel:
@@ -83,29 +101,52 @@ def select_keep(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, 
                 budget: Budget, example_inputs: Any = None, min_keep: float = 0.0,
                 min_channels: int = 1) -> dict[int, torch.Tensor]:
     """Sorted keep-indices for every scored group (keys of `scores` index `groups`)."""
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a prunelib.select.Budget, not {type(budget).__name__}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, numbers.Real) or not (
+            0 <= min_keep <= 1):
+        raise ValueError(f"min_keep={min_keep!r}: the fraction of each group always kept must "
+                         "be a number in [0, 1]")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+        raise ValueError(f"min_channels={min_channels!r}: the channels each group always keeps "
+                         "must be an integer >= 0")
     for i, s in scores.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(groups):
+            raise ValueError(f"scores has key {i!r}, but the groups are indexed 0.."
+                             f"{len(groups) - 1}")
         if s.numel() != groups[i].size:
             raise ValueError(f"scores[{i}] has {s.numel()} entries, group {i} has "
                              f"{groups[i].size} channels")
         if not torch.isfinite(s).all():
             raise ValueError(f"scores[{i}] contains NaN or inf: the regularization diverged?")
-    order = {i: torch.argsort(s.detach().float().cpu(), descending=True)
-             for i, s in scores.items()}
+    if not scores:
+        return {}
+    flat = {i: s.detach().float().cpu().reshape(-1) for i, s in scores.items()}
     floor = {i: min_keep_count(groups[i].size, min_keep, min_channels) for i in scores}
+    # every scored channel in ascending rank (score, then group order, then channel index)
+    values = torch.cat(list(flat.values()))
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in flat.items()])
+    channel = torch.cat([torch.arange(s.numel()) for s in flat.values()])
+    order = torch.argsort(values, stable=True)
+    values, owner, channel = values[order], owner[order], channel[order]
     if budget.macs is not None:
         if example_inputs is None:
             raise ValueError("Budget(macs=...) needs example_inputs to count MACs")
         n_keep = _by_macs(model, groups, scores, floor, budget.macs, example_inputs)
+        cap = {i: groups[i].size - n_keep[i] for i in scores}
     else:
-        flat = torch.cat([scores[i].detach().float().cpu().reshape(-1) for i in scores])
-        if budget.threshold is not None:
-            thr = budget.threshold
-        else:
-            k = int(budget.percent * flat.numel())
-            thr = flat.sort().values[k - 1].item() if k > 0 else -math.inf
-        n_keep = {i: max(floor[i], int((scores[i].detach().float().cpu() > thr).sum()))
-                  for i in scores}
-    return {i: order[i][:n_keep[i]].sort().values for i in scores}
+        cap = {i: groups[i].size - floor[i] for i in scores}
+    rank = torch.empty_like(owner)                  # rank of each channel within its group
+    for i in scores:
+        mine = owner == i
+        rank[mine] = torch.arange(int(mine.sum()))
+    gone = rank < torch.tensor([cap[int(i)] for i in owner.tolist()], dtype=torch.long)
+    if budget.threshold is not None:
+        gone &= values <= budget.threshold
+    elif budget.percent is not None:
+        k = math.floor(budget.percent * len(values) + 1e-9)
+        gone &= torch.cumsum(gone.long(), 0) <= k
+    return {i: torch.sort(channel[(owner == i) & ~gone]).values for i in scores}
 
 
 def _by_macs(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, torch.Tensor],

@@ -107,11 +107,12 @@ def select_keep(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, 
             0 <= min_keep <= 1):
         raise ValueError(f"min_keep={min_keep!r}: the fraction of each group always kept must "
                          "be a number in [0, 1]")
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+    if (isinstance(min_channels, bool) or not isinstance(min_channels, numbers.Integral)
+            or min_channels < 0):
         raise ValueError(f"min_channels={min_channels!r}: the channels each group always keeps "
                          "must be an integer >= 0")
     for i, s in scores.items():
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(groups):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(groups):
             raise ValueError(f"scores has key {i!r}, but the groups are indexed 0.."
                              f"{len(groups) - 1}")
         if s.numel() != groups[i].size:
@@ -121,6 +122,7 @@ def select_keep(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, 
             raise ValueError(f"scores[{i}] contains NaN or inf: the regularization diverged?")
     if not scores:
         return {}
+    scores = {int(i): s for i, s in scores.items()}
     flat = {i: s.detach().float().cpu().reshape(-1) for i, s in scores.items()}
     floor = {i: min_keep_count(groups[i].size, min_keep, min_channels) for i in scores}
     # every scored channel in ascending rank (score, then group order, then channel index)

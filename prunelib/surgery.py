@@ -11,14 +11,17 @@ zeroed first (`ChannelGroup.zero_`), the eval-mode output of the smaller model e
 of the zeroed one.
 
 A pruned model is saved as a plain state_dict plus the shapes and layer attributes that differ
-from the dense architecture (`save_pruned`); `load_pruned` rebuilds the dense architecture,
-shrinks its tensors to those shapes and loads the weights. No code is pickled, so the file loads
-with `torch.load(weights_only=True)`.
+from the dense architecture (`save_pruned`, written atomically); `load_pruned` checks the file
+against a freshly built dense architecture (modules, tensors, shapes, attributes), then shrinks
+its tensors to those shapes and loads the weights; on any error the model is left unchanged and
+the message names the file. No code is pickled, so the file loads with
+`torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
 import copy
 import io
+import numbers
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,7 +50,7 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup],
     drop: dict[tuple[str, str, int], list[torch.Tensor]] = {}
     pads: dict[str, list[torch.Tensor]] = {}              # ChannelPad -> removed slot positions
     for i, kept in keep.items():
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(groups):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(groups):
             raise IndexError(f"keep has group index {i!r}, but there are {len(groups)} groups "
                              f"(indices 0..{len(groups) - 1})")
         g = groups[i]

@@ -59,6 +59,13 @@ def test_percent_removes_the_globally_lowest_scores():
         assert torch.equal(keep[i], torch.nonzero(s > cut).flatten())
 
 
+def test_numpy_integer_group_keys_are_accepted():
+    model, groups = two_groups()
+    scores = {np.int64(0): torch.arange(40.0), np.int64(1): torch.arange(60.0)}
+    keep = select_keep(model, groups, scores, Budget(percent=0.5), X)
+    assert torch.equal(keep[0], torch.arange(25, 40)) and torch.equal(keep[1], torch.arange(25, 60))
+
+
 def test_threshold_removes_every_tied_score_at_or_below_it():
     model, groups = two_groups()
     scores = {0: torch.tensor([0.0, 1.0] * 20), 1: torch.tensor([0.0, 0.5, 2.0] * 20)}

@@ -260,11 +260,11 @@ def _read_pruned(path: Path, map_location: Any) -> dict:
     if blob.get("format", _FORMAT) != _FORMAT:
         raise ValueError(f"{where}: unknown format {blob['format']!r} (expected {_FORMAT!r})")
     sd, shapes = blob["state_dict"], blob["shapes"]
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)
-           or list(shapes.get(k, [-1])) != list(v.shape)]
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+           or not isinstance(shapes.get(k), (list, tuple)) or list(shapes[k]) != list(v.shape)]
     bad += [k for k in shapes if k not in sd]
-    bad += [m for m, a in blob["attrs"].items()
-            if not isinstance(a, dict) or not all(_is_int(v) for v in a.values())]
+    bad += [m for m, a in blob["attrs"].items() if not isinstance(m, str)
+            or not isinstance(a, dict) or not all(_is_int(v) for v in a.values())]
     if bad:
         raise ValueError(f"{where} is inconsistent (its shapes / attributes do not describe its "
                          f"tensors: {', '.join(map(str, bad[:6]))}); write it again with "

@@ -180,9 +180,9 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | str 
     `budget` defaults to the scale's (`Scale.budget()`: 50% of the dense MACs); 'own' lets the
     method decide by its own rule (`finish(model, None)`: RSNLI's and OTO's exact zeros, PR's
     valley, ...), while the strength rule still sizes the penalty for the scale's budget.
-    `seed` defaults to the scale's. `overrides` replace fields of the scale (e.g. reg_epochs=1, ft_lr=0.01). Methods
-    that plan their sparse phase around the target (GBN's tick-tock, GREG's preset pruned set)
-    read it from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already
+    `seed` defaults to the scale's. `overrides` replace fields of the scale (e.g. reg_epochs=1,
+    ft_lr=0.01). Methods that plan their sparse phase around the target (GBN's tick-tock, GREG's
+    preset pruned set) read it from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already
     measured it on `data.test`, skips that evaluation.
 
     strength: 'auto' applies the target-drift rule (`prunelib.strength`) at every scale but
@@ -233,7 +233,7 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | str 
     if isinstance(strength, dict):
         _strength.apply(m, {"params": strength})
         res["strength"] = {"rule": "given", "params": dict(strength)}
-    elif (m.name in _strength.RULES and sc.reg_epochs > 0
+    elif (_strength.has_rule(m) and sc.reg_epochs > 0
           and (strength == "rule" or (strength == "auto" and sc.name != "full"
                                       and _strength.uses_defaults(m)))):
         rec = _strength.target_drift(m, work, groups, budget, m.ctx, sc.strength_quantile,
@@ -241,7 +241,7 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | str 
         _strength.apply(m, rec)
         res["strength"] = rec
     else:
-        why = ("no rule: the method plans its own phase" if m.name not in _strength.RULES
+        why = ("no rule: the method plans its own phase" if not _strength.has_rule(m)
                else "the paper's values (full scale)" if sc.name == "full"
                else "set by the caller")
         res["strength"] = {"rule": "method", "why": why}

@@ -150,6 +150,27 @@ def test_ns_drift_per_unit_lam_is_what_sgd_with_momentum_moves_gamma():
     assert unit < sum(lrs) / (1 - 0.9)                  # the steady-state bound
 
 
+def test_greg1_delta_makes_lam_reach_tau_at_half_of_the_phase():
+    x = torch.randn(1, 3, 32, 32)
+    ctx = Context(example_inputs=x, train_loader=range(79), epochs=2.0, lr=0.02)
+    greg = methods.get("greg")
+    rec = strength.target_drift(greg, get_model("resnet20"), [], Budget(macs=0.5), ctx)
+    delta = rec["params"]["delta"]
+    updates_to_tau = math.ceil(greg.tau / delta)                   # lam += delta every k_u
+    assert updates_to_tau * greg.k_u == pytest.approx(rec["steps"] / 2, abs=greg.k_u)
+    assert not strength.has_rule(methods.get("greg", variant="greg2"))
+
+
+def test_momentum_free_methods_get_the_same_push_as_the_others():
+    lrs = [0.01] * 50
+    u = {n: strength.RULES[n].unit(methods.get(n), lrs, 0.9, None) for n in ("ns", "oto")}
+    assert u["oto"] == u["ns"] == pytest.approx(strength.sgd_displacement(lrs, 0.9))
+    rs = methods.get("rsnli")                # warm-up at rho_warmup / rho of the push
+    w = [rs.rho_warmup / rs.rho if t < math.ceil(rs.warmup * 50) else 1.0 for t in range(50)]
+    assert strength.RULES["rsnli"].unit(rs, lrs, 0.9, None) == pytest.approx(
+        strength.sgd_displacement([0.01 * v for v in w], 0.9))
+
+
 def test_uses_defaults_tells_a_paper_value_from_a_given_one():
     assert strength.uses_defaults(methods.get("ns"))
     assert not strength.uses_defaults(methods.get("ns", lam=1e-3))

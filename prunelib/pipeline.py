@@ -182,8 +182,8 @@ def run(method: str | Method, model: nn.Module, data: Any, budget: Budget | str 
     valley, ...), while the strength rule still sizes the penalty for the scale's budget.
     `seed` defaults to the scale's. `overrides` replace fields of the scale (e.g. reg_epochs=1,
     ft_lr=0.01). Methods that plan their sparse phase around the target (GBN's tick-tock, GREG's
-    preset pruned set) read it from `method.ctx.extra['budget']`. `dense_accuracy`, when the caller already
-    measured it on `data.test`, skips that evaluation.
+    preset pruned set) read it from `method.ctx.extra['budget']`. `dense_accuracy`, when the
+    caller already measured it on `data.test`, skips that evaluation.
 
     strength: 'auto' applies the target-drift rule (`prunelib.strength`) at every scale but
     'full', when the method has a rule and its strength parameters are at their defaults;

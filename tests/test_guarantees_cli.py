@@ -60,7 +60,7 @@ RUN_ERRORS = [
     (["--method", "ns", "--hp", "lam=1", "--hp", "lam=2"], "--hp lam is given twice"),
     (["--method", "ns", "--target-macs", "0"], r"budget: Budget\(macs=0.0\).* \(0, 1\]"),
     (["--method", "ns", "--target-macs", "1.5"], r"budget: Budget\(macs=1.5\)"),
-    (["--method", "ns", "--percent", "1"], r"budget: Budget\(percent=1.0\) must be in \[0, 1\)"),
+    (["--method", "ns", "--percent", "1"], r"budget: Budget\(percent=1.0\).* must be in \[0, 1\)"),
     (["--method", "ns", "--threshold", "inf"], "argument --threshold: must be a finite number"),
     (["--method", "ns", "--target-macs", "nan"], "argument --target-macs: must be a finite"),
     (["--method", "ns", "--target-macs", "0.5", "--percent", "0.2"],

@@ -78,18 +78,39 @@ def test_rsnli_step_is_soft_threshold_of_a_plain_gradient_step(device):
     meth._total, lr = 4, 0.2
     opt = torch.optim.SGD(meth.param_groups(model, lr, 5e-4), lr=lr, momentum=0.9,
                           nesterov=True, weight_decay=5e-4)
+    gammas = [p for _, p in meth.gammas()]
     for step, (xb, yb) in enumerate(list(data) * 2):
-        g0 = [p.detach().clone() for p in meth._gammas]
+        g0 = [p.detach().clone() for p in gammas]
         opt.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
-        grads = [p.grad.detach().clone() for p in meth._gammas]
+        grads = [p.grad.detach().clone() for p in gammas]
         opt.step()
         meth.after_step(model)
         rho = 0.1 if step < 2 else 0.3                      # warm-up: first half of 4 steps
-        for p, g, gr in zip(meth._gammas, g0, grads):
+        for p, g, gr in zip(gammas, g0, grads):
             z = g - lr * gr                                  # no momentum, no weight decay
             want = torch.sign(z) * torch.clamp(z.abs() - lr * rho, min=0)
             torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_rsnli_gammas_are_the_models_decisive_bn_weights_with_their_channel_weights(device):
+    x = torch.randn(2, 3, 16, 16, device=device)
+    model = tiny()
+    meth = get("rsnli")
+    with pytest.raises(RuntimeError, match=r"call attach\(model, groups\) first"):
+        meth.gammas()
+    meth.ctx = Context(example_inputs=x)
+    groups = pl.channel_groups(model.to(device), x)
+    model = meth.attach(model, groups)
+    named = meth.gammas()
+    assert [n for n, _ in named] == ["1", "4", "7"]
+    assert all(p is model.get_submodule(n).weight for n, p in named)   # the model's own
+    cost = channel_cost(model, groups, x)
+    weights = meth.channel_weights()
+    for g, (n, _) in zip(groups, named):
+        torch.testing.assert_close(weights[n], torch.full((g.size,), cost[g.index]).to(weights[n]))
+    weights["1"].zero_()                                  # a copy: the method is unchanged
+    assert float(meth.channel_weights()["1"].min()) == pytest.approx(cost[0])
 
 
 def test_rsnli_memory_cost_matches_hand_count():
@@ -175,19 +196,41 @@ def test_pr_gradient_equals_autograd_of_the_formula(device):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16, device=device)
     meth, model, _ = setup("pr", tiny(), x, device, lam=1e-2, t=1.3)
+    gammas = [p for _, p in meth.gammas()]
     with torch.no_grad():
-        for i, p in enumerate(meth._gammas):
+        for i, p in enumerate(gammas):
             p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(i)))
             p[0] = 0.0                                   # clamped factors sit exactly at 0
-    flat = torch.cat([p.detach().reshape(-1) for p in meth._gammas]).requires_grad_(True)
+    flat = torch.cat([p.detach().reshape(-1) for p in gammas]).requires_grad_(True)
     r = 1e-2 * (1.3 * flat.abs() - (flat - flat.mean()).abs()).sum()
     (want,) = torch.autograd.grad(r, flat)
-    for p in meth._gammas:
+    for p in gammas:
         p.grad = torch.zeros_like(p)
     meth.after_backward(model)
-    got = torch.cat([p.grad.reshape(-1) for p in meth._gammas])
+    got = torch.cat([p.grad.reshape(-1) for p in gammas])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     assert meth.penalty(model).item() == pytest.approx(r.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("penalize", ["all", "prunable"])
+def test_pr_gammas_name_the_polarized_bns_of_the_model(penalize):
+    x = torch.randn(1, 3, 32, 32)
+    model = get_model("resnet20")
+    meth = get("pr", penalize=penalize)
+    with pytest.raises(RuntimeError, match=r"call attach\(model, groups\) first"):
+        meth.gammas()
+    meth.ctx = Context(example_inputs=x)
+    meth.attach(model, pl.channel_groups(model, x))
+    named = meth.gammas()
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    want = bns if penalize == "all" else [n for n in bns if n.endswith(".bn1")]
+    assert sorted(n for n, _ in named) == sorted(want) and len(want) == (19 if penalize ==
+                                                                          "all" else 9)
+    assert all(p is model.get_submodule(n).weight for n, p in named)
+    with torch.no_grad():                                 # gamma_bar: the mean of all of them
+        flat = torch.cat([p.reshape(-1) for _, p in named])
+        want_r = meth.lam * (meth.t * flat.abs() - (flat - flat.mean()).abs()).sum()
+    assert meth.penalty(model).item() == pytest.approx(want_r.item(), rel=1e-6)
 
 
 def test_pr_clamps_gamma_into_zero_a(device):
@@ -288,10 +331,34 @@ def test_scp_relaxed_mask_is_on_with_the_keep_probability(device):
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0, 0.3]))
         bn.bias.copy_(torch.tensor([0.2, -0.5, 1.0, 0.0]))
-    m = meth._hook(bn, (), torch.ones(20000, 4, 1, 1, device=device))
+    m = meth.channel_mask(bn, torch.ones(20000, 4, 1, 1, device=device))
+    assert m.shape == (20000, 4, 1, 1)                  # one sample per image and channel
     keep = ndtr(meth.margin(bn).detach())
     torch.testing.assert_close((m > 0.5).float().mean((0, 2, 3)), keep, rtol=0, atol=0.015)
     assert ((m > 0.05) & (m < 0.95)).float().mean() > 0.05  # relaxed, not binary
+
+
+def test_scp_channel_mask_is_what_the_forward_pass_multiplies_by(device):
+    x = torch.randn(4, 3, 16, 16, device=device)
+    model = tiny()
+    randomize_bn(model)
+    meth, model, _ = setup("scp", model, x, device)
+    bn = model[4]
+    seen = {}
+    bn.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), y=o.detach()))
+    out(model, x)
+    plain = nn.BatchNorm2d(16).to(device).eval()         # the same BN without the mask
+    plain.load_state_dict(bn.state_dict())
+    with torch.no_grad():
+        y_plain = plain(seen["x"])
+    m = meth.channel_mask(bn, y_plain)
+    assert m.shape == (1, 16, 1, 1)                      # eval / soft: 1 - P_off per channel
+    torch.testing.assert_close(m.detach().flatten(), ndtr(meth.margin(bn)).detach())
+    torch.testing.assert_close(seen["y"], y_plain * m.detach())
+    m.sum().backward()                                   # differentiable in gamma and beta
+    assert bn.weight.grad.abs().sum() > 0 and bn.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="carries a mask"):
+        meth.channel_mask(plain, y_plain)
 
 
 def test_scp_sparsity_term_is_lam_times_expected_active_channels(device):
@@ -367,17 +434,44 @@ def test_gbn_score_is_accumulated_abs_gate_times_gradient(device):
         o.register_hook(lambda g: seen.update(grad=g.detach()))
     bn.register_forward_hook(record)
     want = torch.zeros_like(bn.gbn_gate)
-    meth._collect = True
     model.train()
-    for xb, yb in list(data) * 2:
+    with meth.collecting():
+        for xb, yb in list(data) * 2:
+            model.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            meth.after_backward(model)
+            # chain rule by hand: gated = BN(x) * phi * mask => dL/dphi = sum(dL/dgated * BN(x))
+            dphi = (seen["grad"] * seen["pre"]).sum((0, 2, 3)) * bn.gbn_mask
+            want += (dphi * bn.gbn_gate.detach()).abs()
+    torch.testing.assert_close(bn.gbn_score, want, rtol=1e-4, atol=1e-7)
+    assert bn.gbn_score[3] == 0 and (bn.gbn_score > 0).sum() == bn.gbn_score.numel() - 1
+
+
+def test_gbn_collecting_scores_and_drops_the_penalty_only_inside_the_block(device):
+    x = torch.randn(2, 3, 16, 16, device=device)
+    meth, model, data = setup("gbn", tiny(), x, device, lam=0.1)
+    xb, yb = next(iter(data))
+    model.train()
+
+    def step():
         model.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
         meth.after_backward(model)
-        # chain rule by hand: gated = BN(x) * phi * mask  =>  dL/dphi = sum(dL/dgated * BN(x))
-        dphi = (seen["grad"] * seen["pre"]).sum((0, 2, 3)) * bn.gbn_mask
-        want += (dphi * bn.gbn_gate.detach()).abs()
-    torch.testing.assert_close(bn.gbn_score, want, rtol=1e-4, atol=1e-7)
-    assert bn.gbn_score[3] == 0 and (bn.gbn_score > 0).sum() == bn.gbn_score.numel() - 1
+        return torch.cat([model[i].gbn_score.clone() for i in (1, 4, 7)])
+
+    assert float(step().abs().sum()) == 0.0             # outside: a tock, nothing collected
+    assert meth.loss_term(model) is not None
+    with meth.collecting() as same:
+        assert same is meth and meth.loss_term(model) is None
+        first = step()
+        second = step()                                 # accumulated, not overwritten
+    assert float(first.min()) > 0 and torch.all(second >= first) and torch.any(second > first)
+    torch.testing.assert_close(meth.taylor(model)[1], second[8:24].cpu())
+    torch.testing.assert_close(step(), second)          # off again after the block
+    with pytest.raises(KeyError):
+        with meth.collecting():
+            raise KeyError("inside")
+    assert meth.loss_term(model) is not None            # restored after an exception
 
 
 def test_gbn_tick_tock_reaches_the_target_and_masked_removal_is_exact(device):

@@ -47,9 +47,10 @@ Decision    tick-tock until the MACs target, then remove the masked channels
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -117,6 +118,24 @@ class GateDecorator(Method):
         self._bns = [model.get_submodule(n) for n in names]
         self.ticks_done, self.tocks_done, self.history = 0, 0, []
         return model
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator["GateDecorator"]:
+        """Inside this block the method does what a tick does to the loss and the gradients:
+        `after_backward` adds |phi * dL/dphi| of the batch to every gated BN's `gbn_score`
+        buffer (read them summed per group with `taylor`), and `loss_term` adds no sparsity
+        penalty. Scores are not reset on entry (`_tick` zeroes them before each tick); the
+        previous state is restored on exit, also after an exception.
+
+            with gbn.collecting():
+                loss(model(x), y).backward()
+                gbn.after_backward(model)
+        """
+        was, self._collect = self._collect, True
+        try:
+            yield self
+        finally:
+            self._collect = was
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         if self._collect or self.lam == 0:
@@ -269,14 +288,13 @@ class GateDecorator(Method):
                  for p in mod.parameters() if p.requires_grad]
         for bn in self._bns:
             bn.gbn_score.zero_()
-        self._collect = True
         try:
             for q in convs:
                 q.requires_grad_(False)
-            fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr / 10, schedule="constant",
-                **kw)
+            with self.collecting():
+                fit(model, ctx.train_loader, epochs=epochs, lr=ctx.lr / 10,
+                    schedule="constant", **kw)
         finally:
-            self._collect = False
             for q in convs:
                 q.requires_grad_(True)
         self.ticks_done += 1

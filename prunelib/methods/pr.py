@@ -54,7 +54,7 @@ from ..graph import ChannelGroup
 from ..select import Budget, min_keep_count
 from ..surgery import remove_channels
 from .base import HParam, Method, register
-from .ns import bn_modules, group_gamma
+from .ns import group_gamma
 
 DEFAULTS = {"resnet56": {"lam": 5e-5, "t": 1.4}, "vgg16": {"lam": 3e-5, "t": 1.5}}
 
@@ -108,10 +108,12 @@ class Polarization(Method):
         model = super().attach(model, groups)
         self.groups = [g for g in self.groups if g.bns()]
         if self.penalize == "all":
-            self._gammas = [bn.weight for bn in bn_modules(model)]
+            names = [n for n, m in model.named_modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
         else:
             names = list(dict.fromkeys(m.module for g in self.groups for m in g.bns()))
-            self._gammas = [model.get_submodule(n).weight for n in names]
+        self._bn_names = names
+        self._gammas = [model.get_submodule(n).weight for n in names]
         if not self._gammas:
             raise ValueError("PR found no BatchNorm layer with affine weights to polarize")
         if self.gamma_init is not None:
@@ -119,6 +121,15 @@ class Polarization(Method):
                 for p in self._gammas:
                     p.fill_(self.gamma_init)
         return model
+
+    def gammas(self) -> list[tuple[str, nn.Parameter]]:
+        """(BN module name, its weight gamma) of every polarized BatchNorm, in the order of the
+        flat vector that `penalty` and `after_backward` use (its mean is gamma_bar). The
+        Parameters are the attached model's own (not copies)."""
+        if not hasattr(self, "_gammas"):
+            raise RuntimeError(f"{self.owner()}: gammas() was called before the method was "
+                               "attached to a model: call attach(model, groups) first")
+        return list(zip(self._bn_names, self._gammas))
 
     def penalty(self, model: nn.Module | None = None) -> torch.Tensor:
         """lam * R_s(gamma), differentiable (the formula; training uses `after_backward`)."""

@@ -281,6 +281,25 @@ class RSNLI(Method):
                 idx = m.idx.reshape(-1).to(t.device)
                 t.index_copy_(m.dim, idx, t.index_select(m.dim, idx) / a)
 
+    def _attached(self, what: str) -> None:
+        if not hasattr(self, "_gammas"):
+            raise RuntimeError(f"{self.owner()}: {what}() was called before the method was "
+                               "attached to a model: call attach(model, groups) first")
+
+    def gammas(self) -> list[tuple[str, nn.Parameter]]:
+        """(BN module name, its weight gamma) of every BatchNorm the prox step acts on: the
+        decisive BN of each prunable group, in the order `after_step` visits them. The
+        Parameters are the attached model's own (not copies), so they show every step."""
+        self._attached("gammas")
+        return list(zip(self._bn_names, self._gammas))
+
+    def channel_weights(self) -> dict[str, torch.Tensor]:
+        """{BN module name: per-channel weight lambda_l} of the prox step (the `cost` of the
+        channel's group; 0 for channels of that BN no prunable group owns): one ISTA step at
+        learning rate eta shrinks |gamma_c| by eta * current_rho() * lambda_l. Copies."""
+        self._attached("channel_weights")
+        return {n: w.detach().clone() for n, w in zip(self._bn_names, self._lam)}
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         ids = {id(p) for p in self._gammas}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]

@@ -113,7 +113,17 @@ class SoftChannelPruning(Method):
         self._bns = [model.get_submodule(n) for n in self._pos]
         return model
 
-    def _hook(self, bn: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    def channel_mask(self, bn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """The mask the attached `bn` multiplies its output `out` (N, C, ...) by.
+
+        Shape (N, C, 1, ...) of fresh Concrete samples when `bn` is in training mode and
+        mask='concrete', else (1, C, 1, ...) = 1 - P_off; 1 on the channels of `bn` that no
+        prunable group owns. Differentiable in gamma and beta, as in training.
+        """
+        if not hasattr(bn, "scp_prunable"):
+            raise ValueError(f"{self.owner()}: channel_mask() needs a BatchNorm of the model "
+                             "this method was attached to that carries a mask (the decisive "
+                             "BN of a prunable group followed by a ReLU)")
         z = self.margin(bn)
         shape = (1, -1) + (1,) * (out.dim() - 2)
         if bn.training and self.mask == "concrete":
@@ -123,8 +133,10 @@ class SoftChannelPruning(Method):
             m = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
         else:
             m = ndtr(z).view(shape)
-        m = torch.where(bn.scp_prunable.view(shape), m, torch.ones_like(m))
-        return out * m
+        return torch.where(bn.scp_prunable.view(shape), m, torch.ones_like(m))
+
+    def _hook(self, bn: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * self.channel_mask(bn, out)
 
     def loss_term(self, model: nn.Module) -> torch.Tensor:
         return self.lam * sum(ndtr(self.margin(bn))[bn.scp_prunable].sum() for bn in self._bns)

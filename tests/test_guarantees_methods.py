@@ -240,3 +240,14 @@ def test_after_attach_the_hooks_are_the_class_methods_with_no_wrapper(name):
     m.attach(model, pl.channel_groups(model, x))
     for hook in HOOKS:
         assert hook not in vars(m) and getattr(m, hook).__func__ is getattr(type(m), hook)
+
+
+def test_a_hook_looked_up_before_attach_runs_once_attached():
+    import prunelib as pl
+    from prunelib.models import get_model
+    from prunelib.select import Budget
+    model, x = get_model("resnet20"), torch.randn(1, 3, 32, 32)
+    m = methods.get("l1")
+    m.ctx = methods.Context(example_inputs=x)
+    small = m.finish(m.attach(model, pl.channel_groups(model, x)), Budget(macs=0.6))
+    assert pl.count(small, x)[0] <= 0.6 * pl.count(model, x)[0]

@@ -166,12 +166,15 @@ HOOKS = ("param_groups", "loss_term", "after_backward", "after_step", "scores", 
 class _NotAttached:
     """Stands in for a hook on a method instance until `attach` runs (then it is removed, so
     the hooks of an attached method are the class's own: no per-step check)."""
-    __slots__ = ("owner", "hook")
+    __slots__ = ("owner", "hook", "method")
 
-    def __init__(self, owner: str, hook: str) -> None:
-        self.owner, self.hook = owner, hook
+    def __init__(self, owner: str, hook: str, method: Any = None) -> None:
+        self.owner, self.hook, self.method = owner, hook, method
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        m = self.method
+        if m is not None and self.hook not in m.__dict__:    # attached since it was looked up,
+            return getattr(m, self.hook)(*args, **kwargs)   # as in m.finish(m.attach(...), b)
         raise RuntimeError(f"{self.owner}: {self.hook}() was called before the method was "
                            "attached to a model: call attach(model, groups) first")
 
@@ -227,7 +230,7 @@ class Method(ABC):
     def __init__(self, residual: str | None = None, min_keep: float = 0.1,
                  min_channels: int = 1) -> None:
         for hook in HOOKS:
-            setattr(self, hook, _NotAttached(self.owner(), hook))
+            setattr(self, hook, _NotAttached(self.owner(), hook, self))
         if self.HPARAMS["residual"].check(self.owner(), "residual", residual) is not None:
             self.residual = residual
         # min_keep: fraction of each group that is always kept, and at least min_channels

@@ -796,10 +796,14 @@ assert gb.tocks_done == gb.history.count("tock") and gb.ticks_done == gb.history
 assert abs(a_gb["removed"] - a_gb["regularized"]) <= 100 * 5 / N_TEST   # masked: exact
 
 # %% [markdown]
-# Read the numbers of *your* run; what follows describes the run recorded in the header, and
-# says what is structural (true for every run) and what is incidental.
-#
-# RESULTS_PLACEHOLDER
+# Read the numbers of *your* run. What is structural (true for every run, asserted above): the
+# budget is met; GBN's masked removal is exact (removed = sparse); RSNLI's own rule removes only
+# exact zeros and folds their constants, so it changes the output only on the border ring of
+# each folded consumer. What is incidental (one seed, 5k test images, a standard error of about
+# 0.4 points at 91%): the order of methods of similar accuracy. Compare each regularizer's
+# *removed* and *recal.* columns with the magnitude baseline's and with its own *sparse* column:
+# a large gain from recalibration means stale statistics, no gain and a low value a destroyed
+# function.
 
 # %% [markdown]
 # ### What the sparse phase did to γ, and GBN's and EagleEye's own procedures
@@ -871,7 +875,8 @@ assert ee.best["score"] == max(c["score"] for c in ee.candidates)
 #   BN statistics only to rank random sub-nets, after recalibrating them.
 # * One strength rule sizes the four regularizers from the target and the schedule: the same
 #   per-step push for all, which leaves RSNLI's momentum-free prox a tenth of the reach.
-# * SUMMARY_PLACEHOLDER
+# * At this scale every regularizer pays in its sparse phase; the recalibrated column shows how
+#   much of the loss at removal is only stale BatchNorm statistics.
 #
 # ## Exercises
 #

@@ -29,10 +29,10 @@
 #    magnitude baseline on real CIFAR-10 ResNet-20 under the book's one protocol.
 #
 # **Run time** (`python book/04_group_sparsity.py`, whole chapter, quick scale):
-# 7 min 0 s (one run; 415 s between the setup cell and the last cell) on the project machine's
-# 2-core CPU, **shared** with other jobs (load average about 1.5), default torch threads;
-# about 40 s for `l1` and 70–90 s for each regularized method, ~50 s for the analysis of
-# Section 8. The lead re-measures it in CI.
+# 7 min 0 s and 7 min 8 s (two runs; 415 s and 423 s between the setup cell and the last
+# cell) on the project machine's 2-core CPU, **shared** with other jobs (load average 1.5 to
+# 2), default torch threads; about 40 s for `l1` and 70–90 s for each regularized method,
+# ~50 s for the analysis of Section 8. Measured on a shared CPU: the lead re-measures it in CI.
 #
 # The protocol is the book's one protocol, read from `prunelib.pipeline.SCALES` in the setup
 # cell: at `PRUNELIB_SCALE=quick` (default) every method gets 2 epochs of sparse training and

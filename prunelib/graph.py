@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .measure import check_batched, example_tuple
+from .measure import flat_tensors as _tensors
 from .models import ChannelPad
 
 ROLES = ("out", "in", "affine", "stat", "pad")
@@ -950,16 +951,6 @@ def _indexed_dims(idx: tuple, ndim: int) -> list[int]:
                 out.extend(range(d, d + span(e)))
             d += span(e)
     return out
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
 
 
 def _map_tensors(x: Any, fn) -> Any:

@@ -29,7 +29,7 @@ def example_tuple(example_inputs: Any, who: str) -> tuple:
     """`example_inputs` as a tuple of model arguments, checked: it must hold a tensor, and its
     first tensor must have a non-empty batch dimension. `who` names the caller in errors."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    first = next(iter(_flat_tensors(inputs)), None)
+    first = next(iter(flat_tensors(inputs)), None)
     if first is None:
         raise ValueError(f"{who}: example_inputs holds no tensor (got "
                          f"{type(example_inputs).__name__}); give a batch of inputs, e.g. "
@@ -59,13 +59,14 @@ def check_batched(name: str, mod: nn.Module, x: Any, who: str) -> None:
             f"first (at least {want}-D here): for a single sample use x.unsqueeze(0)")
 
 
-def _flat_tensors(x: Any) -> list[torch.Tensor]:
+def flat_tensors(x: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) tensor / list / tuple / dict, in order."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _flat_tensors(v)]
+        return [t for v in x for t in flat_tensors(v)]
     if isinstance(x, dict):
-        return [t for v in x.values() for t in _flat_tensors(v)]
+        return [t for v in x.values() for t in flat_tensors(v)]
     return []
 
 
@@ -77,7 +78,7 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, in
     form to predict MACs after removing channels without running the model.
     """
     inputs = example_tuple(example_inputs, "count")
-    batch = _flat_tensors(inputs)[0].shape[0]
+    batch = flat_tensors(inputs)[0].shape[0]
     out: dict[str, tuple[int, int, int, int]] = {}
     hooks = []
 

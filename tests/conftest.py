@@ -19,3 +19,13 @@ def data_root():
     if not (root / "cifar10_test.npz").exists():
         pytest.skip("real CIFAR-10 npz not found (set PRUNELIB_DATA)")
     return root
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """An empty data root and cache folder, set as $PRUNELIB_DATA / $PRUNELIB_CACHE."""
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    root.mkdir()
+    monkeypatch.setenv("PRUNELIB_DATA", str(root))
+    monkeypatch.setenv("PRUNELIB_CACHE", str(cache))
+    return root, cache

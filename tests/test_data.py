@@ -38,15 +38,6 @@ def write_batches_py(root: Path, per_batch: int = 4, n_test: int = 3, seed: int 
     return raw
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    root, cache = tmp_path / "root", tmp_path / "cache"
-    root.mkdir()
-    monkeypatch.setenv("PRUNELIB_DATA", str(root))
-    monkeypatch.setenv("PRUNELIB_CACHE", str(cache))
-    return root, cache
-
-
 def test_root_and_cache_policy(env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     root, cache = env
     assert D.data_root() == root and D.data_root("/x/y") == Path("/x/y")

@@ -15,15 +15,6 @@ from prunelib import data as D
 from prunelib.data import DataError, load_cifar10
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    root, cache = tmp_path / "root", tmp_path / "cache"
-    root.mkdir()
-    monkeypatch.setenv("PRUNELIB_DATA", str(root))
-    monkeypatch.setenv("PRUNELIB_CACHE", str(cache))
-    return root, cache
-
-
 def write_npz(path: Path, n: int = 6, **override: np.ndarray) -> None:
     rng = np.random.default_rng(0)
     arrays = {"images": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),

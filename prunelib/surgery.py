@@ -16,21 +16,37 @@ against a freshly built dense architecture (modules, tensors, shapes, attributes
 its tensors to those shapes and loads the weights; on any error the model is left unchanged and
 the message names the file. No code is pickled, so the file loads with
 `torch.load(weights_only=True)`.
+
+Residual branches (block removal). In a residual add y = F(x) + s(x), a branch F whose output
+is exactly 0 (SSS's or GAL's block scale at 0, its last BN's gamma and beta at 0) leaves
+y = s(x). `remove_branches(model, ends)` removes such branches physically: the module whose
+forward does the add (the block) is traced with torch.fx, the add is replaced by its other
+operand s(x), and the nodes and submodules only F used are deleted; the block becomes a
+`torch.fx.GraphModule` that computes the rest of its forward (e.g. relu(s(x)) for a CIFAR
+BasicBlock), whose parameters keep their names. Exact when F(x) = 0 (eval mode), counted by
+`count` (F's convs are gone), and recorded by `save_pruned` (the removed branches' end modules)
+so that `load_pruned` removes them from the dense architecture before loading.
+`residual_branches(model, example_inputs)` lists the removable branches (`Branch`).
 """
 from __future__ import annotations
 
 import copy
 import io
 import numbers
+import operator
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
+import torch.fx as fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .fileio import atomic_torch_save
-from .graph import ChannelGroup
+from .graph import ChannelGroup, _LeafTracer
+from .measure import example_tuple
 from .models import ChannelPad
 
 _ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features",
@@ -157,7 +173,9 @@ def save_pruned(model: nn.Module, path: str | Path, /, **meta: Any) -> None:
     The file is written atomically (temporary file + rename: an interrupted save leaves the old
     file or none, never a partial one). `meta` values must load with
     `torch.load(weights_only=True)` (None, bool, int, float, str, tensors, and lists / tuples /
-    dicts of them): TypeError naming the key otherwise, before anything is written.
+    dicts of them): TypeError naming the key otherwise, before anything is written. A model
+    with removed residual branches (`remove_branches`) also stores their end modules under
+    'branches' (`load_pruned` removes them first).
     """
     for key, value in meta.items():
         buf = io.BytesIO()
@@ -175,9 +193,12 @@ def save_pruned(model: nn.Module, path: str | Path, /, **meta: Any) -> None:
         a = {k: int(getattr(mod, k)) for k in _ATTRS if _is_int(getattr(mod, k, None))}
         if a:
             attrs[name] = a
-    atomic_torch_save({"format": _FORMAT, "state_dict": sd,
-                       "shapes": {k: list(v.shape) for k, v in sd.items()},
-                       "attrs": attrs, "meta": meta}, path)
+    blob = {"format": _FORMAT, "state_dict": sd,
+            "shapes": {k: list(v.shape) for k, v in sd.items()}, "attrs": attrs, "meta": meta}
+    branches = removed_branches(model)
+    if branches:                          # only then: other files keep the original format
+        blob["branches"] = branches
+    atomic_torch_save(blob, path)
 
 
 def load_pruned(dense: nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
@@ -193,10 +214,27 @@ def load_pruned(dense: nn.Module, path: str | Path, map_location: str | torch.de
     code, other content) or does not fit the architecture (modules or tensors the model lacks
     or has in addition, a tensor larger than the dense one or with another kernel, a layer
     attribute that does not fit).
+
+    Residual branches that the saved model lacks (`remove_branches`) are removed first: their
+    blocks are replaced in `dense` by the same GraphModules (a branch of the root module's own
+    forward: the returned model is a new GraphModule). Files without the 'branches' entry
+    (older files) remove none.
     """
     path = Path(path)
     blob = _read_pruned(path, map_location)
-    plan, attrs = _fit(dense, blob, path)
+    cut: list[tuple[nn.Module, str, nn.Module]] = []
+    if blob["branches"]:                                  # removed residual branches first
+        try:
+            dense, cut = _cut(dense, blob["branches"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"load_pruned: {str(path)!r} does not fit "
+                             f"{type(dense).__name__}: {e}") from None
+    try:
+        plan, attrs = _fit(dense, blob, path)
+    except BaseException:
+        for parent, name, old in reversed(cut):
+            setattr(parent, name, old)
+        raise
     undo: list[tuple[nn.Module, str, Any]] = []
     try:
         for mod, attr, shape, dtype in plan:
@@ -222,6 +260,8 @@ def load_pruned(dense: nn.Module, path: str | Path, map_location: str | torch.de
                 mod._buffers[k] = old
             else:
                 setattr(mod, k, old)
+        for parent, name, old in reversed(cut):
+            setattr(parent, name, old)
         raise
     return dense, blob["meta"]
 
@@ -257,6 +297,11 @@ def _read_pruned(path: Path, map_location: Any) -> dict:
         raise ValueError(f"{where} is not a file written by prunelib.save_pruned: it holds {got}, "
                          f"not the {', '.join(keys)} that save_pruned writes (a plain "
                          "state_dict loads with model.load_state_dict)")
+    blob.setdefault("branches", [])
+    if not isinstance(blob["branches"], list) or not all(
+            isinstance(b, str) for b in blob["branches"]):
+        raise ValueError(f"{where} is inconsistent (its 'branches' entry is not a list of "
+                         "module names); write it again with prunelib.save_pruned")
     if blob.get("format", _FORMAT) != _FORMAT:
         raise ValueError(f"{where}: unknown format {blob['format']!r} (expected {_FORMAT!r})")
     sd, shapes = blob["state_dict"], blob["shapes"]
@@ -331,6 +376,190 @@ def _fit(dense: nn.Module, blob: dict, path: Path
     if problems:
         raise ValueError(f"{where} does not fit {arch}: {_few(problems)}{hint}")
     return plan, todo
+
+
+# --- residual branches (block removal) ---------------------------------------------------------
+_ADDS = (operator.add, operator.iadd, torch.add)
+_CUT = "prunelib_removed_branches"          # GraphModule.meta key: the block's removed ends
+
+
+@dataclass(frozen=True)
+class Branch:
+    """The residual function F of one residual add y = F(x) + s(x) (s: the shortcut).
+
+    block:   qualified name of the module whose forward does the add ('' = the model);
+    end:     the module whose output is the operand F(x), e.g. 'layer1.0.bn2';
+    modules: the modules only F uses (removed with it), in call order.
+    """
+    block: str
+    end: str
+    modules: tuple[str, ...]
+
+
+def _is_add(n: fx.Node) -> bool:
+    """A two-operand tensor addition (no alpha): y = a + b."""
+    add = ((n.op == "call_function" and n.target in _ADDS)
+           or (n.op == "call_method" and n.target in ("add", "add_")))
+    return (add and len(n.args) == 2 and not n.kwargs
+            and all(isinstance(a, fx.Node) for a in n.args) and n.args[0] is not n.args[1])
+
+
+def _own(anc: dict, o: fx.Node, other: fx.Node) -> set:
+    """Nodes that compute operand `o` and not operand `other`."""
+    return (anc[o] | {o}) - anc[other] - {other}
+
+
+def _operands(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, fx.Node, list[fx.Node]]]:
+    """{end: (add, other operand, F's own nodes in graph order)} for every operand `end` of a
+    residual add that is a module call used by the add only, computed by nodes that nothing
+    outside them (but the add) uses, none of them a graph input."""
+    anc: dict[fx.Node, set] = {}
+    for n in graph.nodes:
+        anc[n] = set().union(*(anc[a] | {a} for a in n.all_input_nodes))
+    out = {}
+    for add in graph.nodes:
+        if not _is_add(add):
+            continue
+        a, b = add.args
+        for o, other in ((a, b), (b, a)):
+            if o.op != "call_module" or len(o.users) != 1:
+                continue
+            own = _own(anc, o, other)
+            if any(n.op == "placeholder" for n in own) or any(
+                    u not in own and u is not add for n in own for u in n.users):
+                continue
+            out[o] = (add, other, [n for n in graph.nodes if n in own])
+    return out
+
+
+def _n_params(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> int:
+    mods = {n.target for n in nodes if n.op == "call_module"}
+    return sum(p.numel() for m in mods for p in gm.get_submodule(m).parameters())
+
+
+def _block_of(add: fx.Node, modules: list[str]) -> str:
+    """The innermost module whose forward does `add` and holds every module of the branch."""
+    stack = [v[0] if isinstance(v, tuple) else k
+             for k, v in add.meta.get("nn_module_stack", {}).items()]
+    for path in reversed(stack):
+        if all(m.startswith(path + ".") for m in modules):
+            return path
+    return ""
+
+
+def residual_branches(model: nn.Module, example_inputs: Any) -> list[Branch]:
+    """The residual functions F of every residual add y = F(x) + s(x) of `model` that
+    `remove_branches` can remove: F(x) is a module's output used only by the add, F's nodes feed
+    nothing else, y has F(x)'s and s(x)'s shape (no broadcasting: y = s(x) exactly once
+    F(x) = 0), and F has more parameters than the shortcut s's own part (identity, option-A pad:
+    none; a projection shortcut is the other operand). One per add, in graph order."""
+    gm = fx.GraphModule(model, _LeafTracer().trace(model))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_tuple(example_inputs, "residual_branches"))
+    finally:
+        model.train(was)
+    found = _operands(gm.graph)
+    anc: dict[fx.Node, set] = {}
+    for n in gm.graph.nodes:
+        anc[n] = set().union(*(anc[a] | {a} for a in n.all_input_nodes))
+
+    def shape(n: fx.Node) -> Any:
+        tm = n.meta.get("tensor_meta")
+        return (tuple(tm.shape), tm.dtype) if tm is not None and hasattr(tm, "shape") else None
+    best: dict[fx.Node, tuple[int, fx.Node, list[fx.Node]]] = {}
+    for end, (add, other, own) in found.items():
+        if shape(add) is None or shape(add) != shape(other) or shape(add) != shape(end):
+            continue
+        size = _n_params(gm, own)
+        if size <= _n_params(gm, _own(anc, other, end)):
+            continue                          # the shortcut, or two equal branches
+        if add not in best or size > best[add][0]:
+            best[add] = (size, end, own)
+    out = []
+    for add in gm.graph.nodes:
+        if add in best:
+            _, end, own = best[add]
+            mods = tuple(dict.fromkeys(n.target for n in own if n.op == "call_module"))
+            out.append(Branch(_block_of(add, list(mods)), end.target, mods))
+    return out
+
+
+def remove_branches(model: nn.Module, ends: Iterable[str | Branch]) -> nn.Module:
+    """A copy of `model` without the residual branches ending at `ends` (module names such as
+    'layer1.0.bn2', or `Branch`es from `residual_branches`): each residual add F(x) + s(x) is
+    replaced by s(x), and F's modules are gone. Exact when F's output is 0 (e.g. its last BN's
+    gamma and beta are 0, in eval mode); the caller asserts that, as with `remove_channels`.
+    A name that is not the end of a removable branch is a ValueError that lists the removable
+    ones. `model` itself is not changed."""
+    return _cut(copy.deepcopy(model), [e.end if isinstance(e, Branch) else e for e in ends])[0]
+
+
+def removed_branches(model: nn.Module) -> list[str]:
+    """The end modules of the branches `remove_branches` removed from `model` (saved by
+    `save_pruned`)."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, fx.GraphModule):
+            out += [f"{name}.{e}" if name else e for e in mod.meta.get(_CUT, ())]
+    return out
+
+
+def _cut(model: nn.Module, ends: list[str]
+         ) -> tuple[nn.Module, list[tuple[nn.Module, str, nn.Module]]]:
+    """Remove the branches ending at `ends` from `model` in place (blocks replaced by
+    GraphModules; a root block returns a new root). Returns (model, [(parent, name, old block)])
+    to undo. Every name is checked before anything changes."""
+    ends = list(dict.fromkeys(ends))
+    bad = [e for e in ends if not isinstance(e, str)]
+    if bad:
+        raise TypeError(f"remove_branches: branch ends must be module names (str) or Branch, "
+                        f"got {bad[:4]!r}")
+    gm = fx.GraphModule(model, _LeafTracer().trace(model))
+    found = {n.target: v for n, v in _operands(gm.graph).items()}
+    blocks: dict[str, list[str]] = {}
+    for e in ends:
+        if e not in found:
+            raise ValueError(f"remove_branches: {e!r} is not the end of a removable residual "
+                             f"branch (a module whose output is only an operand of a residual "
+                             f"add); removable: {_few(sorted(found)) or 'none'}")
+        add, _, own = found[e]
+        mods = [n.target for n in own if n.op == "call_module"]
+        blocks.setdefault(_block_of(add, mods), []).append(e)
+    undo = []
+    for block, block_ends in blocks.items():
+        old = model.get_submodule(block)
+        local = [e[len(block) + 1:] if block else e for e in block_ends]
+        new = _cut_block(old, local)
+        if not block:
+            model = new
+            continue
+        parent_name, _, attr = block.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        undo.append((parent, attr, old))
+        setattr(parent, attr, new)
+    return model, undo
+
+
+def _cut_block(block: nn.Module, ends: list[str]) -> fx.GraphModule:
+    """`block` traced, each add fed by a local end replaced by its other operand, dead nodes
+    and unused submodules dropped."""
+    graph = _LeafTracer().trace(block)
+    found = {n.target: v for n, v in _operands(graph).items()}
+    for e in ends:
+        add, other, _ = found[e]
+        add.replace_all_uses_with(other)
+        graph.erase_node(add)
+    new = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    new.graph.eliminate_dead_code()
+    new.delete_all_unused_submodules()
+    new.recompile()
+    before = block.meta.get(_CUT, ()) if isinstance(block, fx.GraphModule) else ()
+    new.meta[_CUT] = tuple(before) + tuple(ends)
+    new.train(block.training)
+    return new
 
 
 def _few(items: list[str], n: int = 8) -> str:

@@ -1,0 +1,218 @@
+"""Factors on structures (channels or residual branches), shared by SSS, GDP and DMC.
+
+A method with extra learnable parameters keeps one flat vector theta (n,) and multiplies the
+output of every structure s by a factor f_s = fn(theta)_s (SSS: fn = identity, the scale
+lambda; GDP: the smoothed-L0 gate; DMC: the 0/1 step with a straight-through gradient):
+
+  'channels'  one factor per channel of every scaled channel group: the outputs of the group's
+              BatchNorm layers are multiplied, y_c <- f_c * BN(x)_c (all BNs of a coupled group
+              by the same factor, frozen channels by 1);
+  'blocks'    one factor per residual branch (`prunelib.surgery.residual_branches`): the
+              output of the branch's end module is multiplied, y = f_b * F(x) + s(x).
+
+Nothing is added to the model's modules or parameters: a forward pre-hook on the model computes
+fn(theta) once per forward, and forward hooks on the scaled modules multiply their outputs
+(index tensors built once, in `__init__`). `finish` works on a copy: the hooks are taken off the
+copy, the factors are folded into the producers (f * (W x + b) = (f W) x + f b for a conv,
+linear or affine BN: exact), and the structures with factor 0, whose outputs are then exactly
+0, are removed by prunelib's surgery (`remove_channels`, `remove_branches`).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGroup
+from ..measure import layer_macs
+from ..select import Budget
+from ..surgery import Branch, remove_branches, remove_channels, residual_branches
+
+STRUCTURES = ("auto", "blocks", "channels")
+
+
+def foldable(mod: nn.Module) -> bool:
+    """A module whose output is linear in (weight, bias) jointly: a factor folds into both."""
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return mod.affine
+    return isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and not getattr(
+        mod, "transposed", False)
+
+
+@torch.no_grad()
+def fold_(mod: nn.Module, f: torch.Tensor) -> None:
+    """Multiply the output of `mod` by `f` (a scalar or one factor per output channel) by
+    scaling its weight rows and bias in place."""
+    for name in ("weight", "bias"):
+        t = getattr(mod, name, None)
+        if t is not None:
+            t.mul_(f.to(t) if f.dim() == 0 else f.to(t).view(-1, *[1] * (t.dim() - 1)))
+
+
+class Structures:
+    """The structures a method scales, the hooks that scale them, folding and removal.
+
+    model, groups:   the model and the groups the method may prune (residual policy applied);
+    structure:       'blocks', 'channels' or 'auto' (blocks when the model has residual
+                     branches, else channels);
+    example_inputs:  a batch (needed to find residual branches and for MACs).
+    After construction: `kind`, `n` (number of factors), `names` (a branch end or
+    (group index, channel) per factor), `slices` ({group index: slice of theta}, channels).
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], structure: str,
+                 example_inputs: torch.Tensor | None, owner: str) -> None:
+        self.owner = owner
+        self.example_inputs = example_inputs
+        branches: list[Branch] = []
+        if structure in ("auto", "blocks"):
+            if example_inputs is None:
+                raise ValueError(f"{owner}: structure={structure!r} needs example inputs to "
+                                 "find the residual branches: set method.ctx = "
+                                 "methods.Context(example_inputs) before attach")
+            branches = residual_branches(model, example_inputs)
+            if structure == "blocks" and not branches:
+                raise ValueError(f"{owner}: structure='blocks' but the model has no removable "
+                                 "residual branch; use structure='channels'")
+        self.kind = "blocks" if branches else "channels"
+        self.branches = branches
+        self.slices: dict[int, slice] = {}
+        self._bn_index: dict[str, torch.Tensor] = {}   # BN module -> (C,) index into theta ext.
+        if self.kind == "blocks":
+            bad = [b.end for b in branches if not foldable(model.get_submodule(b.end))]
+            if bad:
+                raise ValueError(f"{owner}: the branches ending at {bad[:4]} end in a module a "
+                                 "factor cannot be folded into (conv, linear, affine BN)")
+            self.names: list = [b.end for b in branches]
+            self.n = len(branches)
+            return
+        n, names = 0, []
+        for g in groups:
+            bns = g.bns()
+            if not bns:
+                continue
+            self.slices[g.index] = slice(n, n + g.size)
+            for m in bns:
+                t = m.tensor(model)
+                idx = self._bn_index.setdefault(m.module, torch.full(
+                    (t.shape[0],), -1, dtype=torch.long))
+                idx[m.idx[:, 0]] = torch.arange(n, n + g.size)
+            names += [(g.index, k) for k in range(g.size)]
+            n += g.size
+        for idx in self._bn_index.values():           # frozen / unscaled channels: factor 1
+            idx[idx < 0] = n
+        self.names, self.n = names, n
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def install(self, model: nn.Module, theta: torch.Tensor,
+                fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Scale the structures of `model` by fn(theta) in every forward from now on."""
+        dev = theta.device
+        self._handles: list[tuple[str, int]] = []
+        state: dict[str, torch.Tensor] = {}
+        channels = self.kind == "channels"
+
+        def pre(_mod: nn.Module, _args: tuple) -> None:
+            f = fn(theta)                                                    # (n,)
+            state["f"] = torch.cat([f, f.new_ones(1)]) if channels else f    # (n + 1,)
+        h = model.register_forward_pre_hook(pre)
+        self._handles.append(("", h.id))
+        if channels:
+            for name, idx in self._bn_index.items():
+                idx = idx.to(dev)
+
+                def scale(_mod: nn.Module, _args: tuple, out: torch.Tensor,
+                          idx: torch.Tensor = idx) -> torch.Tensor:
+                    f = state["f"].index_select(0, idx)                      # (C,)
+                    return out * f.view(1, -1, *[1] * (out.dim() - 2))
+                h = model.get_submodule(name).register_forward_hook(scale)
+                self._handles.append((name, h.id))
+        else:
+            for i, b in enumerate(self.branches):
+                def scale_b(_mod: nn.Module, _args: tuple, out: torch.Tensor,
+                            i: int = i) -> torch.Tensor:
+                    return out * state["f"][i]
+                h = model.get_submodule(b.end).register_forward_hook(scale_b)
+                self._handles.append((b.end, h.id))
+
+    def strip(self, model: nn.Module) -> None:
+        """Take this object's hooks off `model` (the attached model or a deep copy of it)."""
+        for name, hid in self._handles:
+            mod = model.get_submodule(name)
+            mod._forward_pre_hooks.pop(hid, None)
+            mod._forward_hooks.pop(hid, None)
+
+    # -- folding and removal -------------------------------------------------------------------
+    def plain(self, model: nn.Module, f: torch.Tensor) -> nn.Module:
+        """A copy of `model` without hooks, the factors `f` (n,) folded into the producers."""
+        small = copy.deepcopy(model)
+        self.strip(small)
+        f = f.detach()
+        if self.kind == "blocks":
+            for i, b in enumerate(self.branches):
+                fold_(small.get_submodule(b.end), f[i])
+        else:
+            ext = torch.cat([f, f.new_ones(1)])
+            for name, idx in self._bn_index.items():
+                fold_(small.get_submodule(name), ext[idx.to(ext.device)])
+        return small
+
+    def branch_macs(self, model: nn.Module) -> torch.Tensor:
+        """MACs per sample of every scaled branch's conv / linear layers (float64, (n,))."""
+        layers = layer_macs(model, self.example_inputs)
+        return torch.tensor([float(sum(layers[m][0] for m in b.modules if m in layers))
+                             for b in self.branches], dtype=torch.float64)
+
+    def remove_blocks(self, model: nn.Module, f: torch.Tensor, rank: torch.Tensor,
+                      budget: Budget | None) -> tuple[nn.Module, bool]:
+        """Remove the branches with f == 0, then (budget) the lowest-`rank` ones: macs -
+        until the MACs are <= budget.macs * MACs of `model`; percent - floor(p * n) of them in
+        all; threshold - those with rank <= t. Returns (model, target reached)."""
+        f, rank = f.detach().cpu(), rank.detach().cpu().double()
+        gone = f == 0
+        reached = True
+        if budget is not None and self.n:
+            order = torch.argsort(rank, stable=True)
+            if budget.macs is not None:
+                macs = self.branch_macs(model)
+                total = float(sum(v[0] for v in layer_macs(model, self.example_inputs).values()))
+                left = total - float(macs[gone].sum())
+                for i in order.tolist():
+                    if left <= budget.macs * total:
+                        break
+                    if not gone[i]:
+                        gone[i] = True
+                        left -= float(macs[i])
+                reached = left <= budget.macs * total + 0.5
+            elif budget.percent is not None:
+                gone[order[:int(budget.percent * self.n)]] = True
+            else:
+                gone |= rank <= budget.threshold
+        ends = [b.end for b, g in zip(self.branches, gone.tolist()) if g]
+        return (remove_branches(model, ends) if ends else model), reached
+
+    def zero_keep(self, f: torch.Tensor, keep: dict[int, torch.Tensor] | None,
+                  min_channels: int) -> dict[int, torch.Tensor]:
+        """Keep-indices per scaled group: `keep` (all channels when None) without the channels
+        whose factor is 0; a group keeps at least `min_channels` (its largest factors)."""
+        f = f.detach().cpu()
+        out = {}
+        for gi, sl in self.slices.items():
+            fg = f[sl]
+            k = torch.ones(fg.numel(), dtype=torch.bool)
+            if keep is not None and gi in keep:
+                k[:] = False
+                k[keep[gi].long()] = True
+            k &= fg != 0
+            if int(k.sum()) < min(min_channels, fg.numel()):
+                k[torch.argsort(fg.abs(), descending=True, stable=True)[:min_channels]] = True
+            out[gi] = torch.nonzero(k).flatten()
+        return out
+
+    def remove_zero_channels(self, model: nn.Module, groups: list[ChannelGroup],
+                             keep: dict[int, torch.Tensor]) -> nn.Module:
+        """`remove_channels` with `keep` (groups keeping every channel are left out)."""
+        keep = {i: k for i, k in keep.items() if k.numel() < groups[i].size}
+        return remove_channels(model, groups, keep) if keep else model

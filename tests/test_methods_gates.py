@@ -1,0 +1,141 @@
+"""Methods with extra learnable parameters (SSS, ResRep, GDP, DMC): each update step against a
+hand or autograd computation of the paper's formula, folds / conversions against the eval output,
+budgets against pl.count, and the finished model (plain, smaller) through save / load."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunelib as pl
+from prunelib import methods
+from prunelib.models import CifarResNet
+from prunelib.select import Budget
+from prunelib.surgery import removed_branches
+
+from test_surgery import randomize_bn
+
+GATE_METHODS = ["sss"]
+
+
+def tiny_resnet(shortcut: str = "A", seed: int = 0) -> CifarResNet:
+    """ResNet-8 with stages 4/8/16 (one block each), non-trivial BN statistics, eval mode."""
+    torch.manual_seed(seed)
+    model = CifarResNet(8, shortcut=shortcut, width=4)
+    randomize_bn(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def attached(name: str, model: nn.Module, x: torch.Tensor, **hp):
+    m = methods.get(name, **hp)
+    m.ctx = methods.Context(example_inputs=x[:1], lr=0.1)
+    return m, m.attach(model, pl.channel_groups(model, x[:1]))
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not mod._forward_hooks and not mod._forward_pre_hooks
+               for mod in model.modules())
+
+
+def round_trip(small: nn.Module, dense: nn.Module, x: torch.Tensor, path) -> None:
+    """save_pruned / load_pruned into a fresh dense architecture gives the same outputs."""
+    pl.save_pruned(small, path)
+    loaded, _ = pl.load_pruned(dense, path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), small.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", GATE_METHODS)
+def test_finish_before_attach_says_to_attach_first(name):
+    with pytest.raises(RuntimeError, match=r"call attach\(model, groups\) first"):
+        methods.get(name).finish(tiny_resnet(), Budget(macs=0.5))
+
+
+# --- SSS ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", ["blocks", "channels"])
+def test_sss_apg_step_equals_the_nag_form_by_hand(structure):
+    model, (x, y) = tiny_resnet(), batch()
+    gamma, mu, lr, wd = 0.5, 0.9, 0.1, 0.1
+    sss, model = attached("sss", model, x, gamma=gamma, momentum=mu, structure=structure)
+    internal = sum(g.size for g in sss.groups if g.bns())      # channels of internal groups
+    assert sss.st.n == (3 if structure == "blocks" else internal)
+    with torch.no_grad():
+        sss.lam.copy_(torch.linspace(0.02, 1.5, sss.st.n))
+    opt = torch.optim.SGD(sss.param_groups(model, lr, wd), lr=lr, momentum=0.9,
+                          weight_decay=wd)
+    model.train()
+    lam, v = sss.lam.detach().clone(), torch.zeros(sss.st.n)
+    for step in range(3):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g = sss.lam.grad.detach().clone()
+        assert g.abs().sum() > 0
+        sss.after_backward(model)
+        opt.step()
+        torch.testing.assert_close(sss.lam.detach(), lam)       # SGD does not step lambda
+        sss.after_step(model)
+        z = lam - lr * g                                       # the paper's eqs. 10-12 by hand
+        z = torch.where(z.abs() > lr * gamma, z - lr * gamma * torch.sign(z),
+                        torch.zeros_like(z))
+        v = mu * v + (z - lam)
+        lam = torch.clamp(z + mu * v, min=0.0)
+        torch.testing.assert_close(sss.lam.detach(), lam, rtol=1e-6, atol=1e-7)
+    assert (lam == 0).any() and (lam > 0).any()       # the threshold reached some, not all
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_sss_blocks_fold_and_removal_are_exact_and_round_trip(shortcut, tmp_path):
+    model, (x, _) = tiny_resnet(shortcut), batch()
+    sss, model = attached("sss", model, x)
+    assert sss.st.kind == "blocks"
+    with torch.no_grad():
+        sss.lam.copy_(torch.tensor([0.0, 0.7, 0.0]))
+        y = model(x)
+    small = sss.finish(model, None).eval()
+    assert no_hooks(small) and removed_branches(small) == ["layer1.0.bn2", "layer3.0.bn2"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), y)               # the attached model still works
+    assert pl.count(small, x)[0] < pl.count(model, x)[0]
+    round_trip(small, CifarResNet(8, shortcut=shortcut, width=4), x, tmp_path / "s.pt")
+
+
+def test_sss_channels_fold_and_removal_are_exact(tmp_path):
+    model, (x, _) = tiny_resnet(), batch()
+    sss, model = attached("sss", model, x, structure="channels")
+    with torch.no_grad():
+        sss.lam.copy_(torch.rand(sss.st.n, generator=torch.Generator().manual_seed(0)))
+        sss.lam[[0, 1, 5, 9, 20]] = 0.0
+        y = model(x)
+    small = sss.finish(model, None).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), y, rtol=1e-5, atol=1e-5)
+    assert no_hooks(small)
+    lam, zeros = sss.lam.detach(), {}
+    for i, sl in sss.st.slices.items():                    # every lambda = 0 channel is gone
+        conv = sss.all_groups[i].by_role("out")[0].module
+        zeros[conv] = zeros.get(conv, 0) + int((lam[sl] == 0).sum())
+    for conv, n in zeros.items():
+        assert (model.get_submodule(conv).out_channels - small.get_submodule(conv).out_channels
+                == n)
+    assert sum(zeros.values()) == 5
+    round_trip(small, CifarResNet(8, width=4), x, tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("structure", ["blocks", "channels"])
+def test_sss_budget_is_met(structure):
+    model, (x, _) = tiny_resnet(), batch()
+    sss, model = attached("sss", model, x, structure=structure)
+    with torch.no_grad():
+        sss.lam.copy_(torch.rand(sss.st.n, generator=torch.Generator().manual_seed(1)) + 0.1)
+    dense = pl.count(model, x[:1])[0]
+    small = sss.finish(model, Budget(macs=0.6))
+    assert pl.count(small, x[:1])[0] <= 0.6 * dense
+    if structure == "blocks":
+        assert sss.target_reached is True

@@ -92,7 +92,7 @@ class SSS(Method):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        """lambda <- max(z + mu v, 0), v <- mu v + (z - lambda), z = S_(eta gamma)(lambda - eta g)."""
+        """z = S_(eta gamma)(lambda - eta g); v <- mu v + (z - lambda); lambda <- max(z + mu v, 0)."""
         g, self._g = self._g, None
         if g is None:
             return

@@ -92,7 +92,8 @@ class SSS(Method):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        """z = S_(eta gamma)(lambda - eta g); v <- mu v + (z - lambda); lambda <- max(z + mu v, 0)."""
+        """APG (NAG form): z = S_(eta gamma)(lambda - eta g); v <- mu v + (z - lambda);
+        lambda <- max(z + mu v, 0)."""
         g, self._g = self._g, None
         if g is None:
             return

@@ -66,6 +66,8 @@ class UnsupportedOpError(RuntimeError):
 # binary:  elementwise of two operands          reduce:  reduction over `dim` with f(0) = 0
 # reduce_unsafe: reduction with f(0) != 0 (logsumexp): the result is not zero-safe
 # mix:     mixes channels: inputs frozen, output opaque          meta: returns no tensor
+# weighted: functional conv / linear / batch or instance norm: with weights that are a module's
+#          parameters or buffers (get_attr), sliced like the module forms; otherwise as 'mix'
 # Argument-dependent cases are refined in `_refine` (hardtanh with 0 outside [min, max], alpha
 # dropout in training). tests/test_guarantees_graph.py checks every entry numerically.
 _OPS: dict[str, str] = {}                     # filled below, then frozen as BUILTIN_OPS
@@ -88,7 +90,8 @@ for _k, _names in {
     "reduce": "mean sum amax amin std var",
     "reduce_unsafe": "logsumexp",
     "mix": "matmul bmm mm einsum softmax log_softmax layer_norm group_norm local_response_norm "
-           "linear scaled_dot_product_attention baddbmm addmm norm",
+           "scaled_dot_product_attention baddbmm addmm norm",
+    "weighted": "conv1d conv2d conv3d linear batch_norm instance_norm",
     "meta": "size dim numel getattr",
 }.items():
     for _n in _names.split():
@@ -119,6 +122,14 @@ BUILTIN_MODULE_OPS: Mapping[type, str] = MappingProxyType(_MODULE_OPS)
 del _OPS, _MODULE_OPS
 _USER_OPS: dict[str, str] = {}
 _USER_MODULES: dict[type, str] = {}
+# argument names of the 'weighted' functions, in order
+_WEIGHTED = {
+    **{f"conv{d}d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+       for d in (1, 2, 3)},
+    "linear": ("input", "weight", "bias"),
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+}
 _PAD_MODULES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate",
                 nn.ZeroPad2d: "constant"}
 _TENSOR_ATTRS = ("T", "mT", "H", "mH", "data")   # tensor attributes that only move data
@@ -250,6 +261,37 @@ class ChannelGroup:
                 f"affine: {names('affine')}; in: {names('in')}{pad})")
 
 
+@dataclass
+class FrozenOp:
+    """The op that first froze `channels` channels made by `layers`: they enter no group."""
+    op: str              # 'output', 'input', "mul_3 ('mul')", 'layer1.0.aa (BlurPool2d)', ...
+    channels: int
+    layers: list[str]
+
+    def __repr__(self) -> str:
+        few = ", ".join(self.layers[:4]) + (f", +{len(self.layers) - 4}"
+                                             if len(self.layers) > 4 else "")
+        return f"FrozenOp({self.op}: {self.channels} ch of {few})"
+
+
+class GroupList(list):
+    """What `channel_groups` returns: the list of ChannelGroups, plus `frozen`, the ops that
+    froze channels (each channel under the first op in trace order), and `summary()`."""
+
+    def __init__(self, groups: Iterable[ChannelGroup] = (),
+                 frozen: Iterable[FrozenOp] = ()) -> None:
+        super().__init__(groups)
+        self.frozen: list[FrozenOp] = list(frozen)
+
+    def summary(self) -> str:
+        """One line per group, then one per op that froze channels."""
+        lines = [repr(g) for g in self]
+        lines += [f"frozen by {f.op}: {f.channels} channels of "
+                  f"{', '.join(f.layers[:6])}{' ...' if len(f.layers) > 6 else ''}"
+                  for f in self.frozen]
+        return "\n".join(lines)
+
+
 # --- tracing --------------------------------------------------------------------------------------
 class _LeafTracer(fx.Tracer):
     """torch.fx tracer that keeps ChannelPad and the modules given to `register_op` as leaves."""
@@ -309,6 +351,8 @@ class _Tracer:
         self.model = model
         self.uf = _UnionFind()
         self.frozen: list[np.ndarray] = []
+        self.why: list[str] = []                # the op that froze each entry of `frozen`
+        self.where = "input"                    # the op being traced (for `why`)
         self.slots: dict[tuple[str, str, int], dict] = {}
         self.inputs = example_inputs
 
@@ -317,10 +361,13 @@ class _Tracer:
              source: bool = False) -> None:
         key = (module, param, dim)
         ids = np.asarray(ids, dtype=np.int64)
-        if key in self.slots:                   # a module called twice: same channels
-            self.uf.union_arrays(self.slots[key]["ids"], ids)
+        old = self.slots.get(key)
+        if old is not None:                     # a module called twice: same channels
+            self.uf.union_arrays(old["ids"], ids)
+            if old["attr"]:                     # read by get_attr, now claimed by its op
+                old.update(role=role, kind=kind, source=source, attr=False)
             return
-        self.slots[key] = dict(ids=ids, role=role, kind=kind, source=source)
+        self.slots[key] = dict(ids=ids, role=role, kind=kind, source=source, attr=False)
 
     def per_channel(self, code: torch.Tensor, dim: int,
                     freeze_unsafe: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -345,11 +392,24 @@ class _Tracer:
             self.freeze(ids_np[unsafe.numpy()])
         return ids_np, (~unsafe).numpy()
 
+    def rooted(self, code: torch.Tensor) -> torch.Tensor:
+        """The same codes with every id replaced by its class (the union-find root so far)."""
+        small = _squeeze_broadcast(code)
+        ids = _ids(small)
+        u = torch.unique(ids)
+        u = u[u >= 0]
+        r = torch.tensor([self.uf.find(v) for v in u.tolist()], dtype=torch.long)
+        if len(u) == 0 or torch.equal(r, u):
+            return code
+        pos = torch.searchsorted(u, ids.clamp_min(0)).clamp_max(len(u) - 1)
+        return _enc(torch.where(ids >= 0, r[pos], ids), _safe(small)).expand(code.shape)
+
     def freeze(self, ids: Any) -> None:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         ids = ids[ids >= 0]
         if ids.size:
             self.frozen.append(np.unique(ids))
+            self.why.append(self.where)
 
     def freeze_code(self, code: Any) -> None:
         for c in _tensors(code):
@@ -377,6 +437,7 @@ class _Tracer:
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             cargs = fx.node.map_arg(node.args, lambda n: codes[n])
             ckw = fx.node.map_arg(node.kwargs, lambda n: codes[n])
+            self.where = _describe(node, gm)
             if node.op == "placeholder":
                 real = next(inputs, None)
                 code = None
@@ -418,7 +479,10 @@ class _Tracer:
         d = big[0]
         ids = self.uf.new(t.shape[d])
         kind = type(self.model.get_submodule(owner)).__name__
+        new = (owner, name, d) not in self.slots
         self.slot(owner, name, d, ids, "affine", kind)
+        if new:                                 # the op that uses it may claim another role
+            self.slots[(owner, name, d)]["attr"] = True
         shape = [1] * t.dim()
         shape[d] = -1
         return _enc(torch.from_numpy(ids).reshape(shape), True).expand(t.shape)
@@ -448,6 +512,8 @@ class _Tracer:
             return real, self.tensor_attr(args, cargs, real)
         if kind == "meta" or not _tensors(real):            # sizes, dtypes, x.type() -> str
             return real, None
+        if kind == "weighted":
+            return real, self.weighted(name, node, real, args, kwargs, cargs, ckw)
         kind = _refine(name, kind, args, kwargs, None)
         return real, self.apply(kind, name, node, real, args, kwargs, cargs, ckw)
 
@@ -482,6 +548,12 @@ class _Tracer:
             return self.binary(name, args, kwargs, cargs, ckw, real)
         if kind in ("reduce", "reduce_unsafe"):
             return self.reduce(x, real, args, kwargs, zero_safe=kind == "reduce")
+        if name in ("softmax", "log_softmax", "Softmax", "LogSoftmax") and \
+                isinstance(x, torch.Tensor):               # over a dim that carries no channels:
+            d = (self.gm.get_submodule(node.target).dim if node.op == "call_module"  # per channel
+                 else kwargs.get("dim", args[1] if len(args) > 1 else None))
+            if isinstance(d, int) and d % x.dim() not in _varying_dims(self.rooted(x)):
+                return _enc(_ids(x), False).expand(real.shape)     # f(0) != 0: like 'unsafe'
         self.freeze_code((cargs, ckw))                           # mix
         return _map_tensors(real, lambda r: _const_code(None).expand(r.shape))
 
@@ -581,7 +653,10 @@ class _Tracer:
             return arg(pos, "dim", default) % x.dim()
         if name == "getitem":
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if any(d in varying for d in _indexed_dims(idx, x.dim())):
+            lit = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            idx = tuple(_Derived() if isinstance(e, slice) and not _literal(f) else e
+                        for e, f in zip(idx, lit))
+            if any(d in varying for d in _indexed_dims(idx, tuple(x.shape))):
                 self.freeze_code(x)
         elif name in ("narrow", "select", "index_select", "unbind"):
             if dim_arg(1) in varying:
@@ -748,8 +823,10 @@ class _Tracer:
 
     def reduced(self, x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
         """Codes of a reduction of `x` over `dims` with f(0) = 0: channels whose values are
-        combined with other channels' are frozen; a position is zero-safe if all its inputs are."""
-        x = _squeeze_broadcast(x)
+        combined with other channels' (not already coupled with them: summing stacked branches
+        whose channels go together is exact) are frozen; a position is zero-safe if all its
+        inputs are."""
+        x = self.rooted(_squeeze_broadcast(x))
         ids = _ids(x)
         lo, hi = ids, ids
         for d in dims:
@@ -788,15 +865,11 @@ class _Tracer:
         name, kind = node.target, type(mod).__name__
         x = cargs[0] if cargs else None
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return self.conv(name, mod, x, real)
+            return self.conv(name, kind, x, real, mod.groups, mod.out_channels,
+                             "bias" if mod.bias is not None else None)
         if isinstance(mod, nn.Linear):
-            ids, _ = self.per_channel(x, x.dim() - 1)
-            self.slot(name, "weight", 1, ids, "in", kind)
-            out = self.uf.new(mod.out_features)
-            self.slot(name, "weight", 0, out, "out", kind, source=True)
-            if mod.bias is not None:
-                self.slot(name, "bias", 0, out, "out", kind)
-            return self.fresh_like(out, real, real.dim() - 1)
+            return self.linear(name, kind, x, real, mod.out_features,
+                               "bias" if mod.bias is not None else None)
         if isinstance(mod, (nn.modules.batchnorm._NormBase)):   # BatchNorm*, InstanceNorm*
             ids, _ = self.per_channel(x, 1, freeze_unsafe=False)   # zeroed gamma, beta -> 0
             if mod.affine:
@@ -823,25 +896,111 @@ class _Tracer:
         op = _refine(kind, op, args, kwargs, mod)
         return self.apply(op, kind, node, real, args, kwargs, cargs, ckw)
 
-    def conv(self, name: str, mod: nn.Module, x: torch.Tensor, real: torch.Tensor):
-        kind = type(mod).__name__
+    def conv(self, name: str, kind: str, x: torch.Tensor, real: torch.Tensor, g: int,
+             cout: int, bias: str | None, weight: str = "weight") -> torch.Tensor:
+        """Codes of a convolution of `x` by `name.weight` (+ `name.bias`) with `g` groups."""
         ids, _ = self.per_channel(x, 1)                              # (C_in,)
-        g, cin, cout = mod.groups, mod.in_channels, mod.out_channels
+        cin = len(ids)
         if cin // g == 1:                                            # depthwise: out j <- in j//m
             out = np.repeat(ids, cout // cin)
-            self.slot(name, "weight", 0, out, "out", kind)
-            if mod.bias is not None:
-                self.slot(name, "bias", 0, out, "out", kind)
+            self.slot(name, weight, 0, out, "out", kind)
+            if bias is not None:
+                self.slot(name, bias, 0, out, "out", kind)
             return self.fresh_like(out, real, 1)
         per_g = ids.reshape(g, cin // g)                             # grouped: position p of
         for k in range(1, g):                                        # every group goes together
             self.uf.union_arrays(per_g[0], per_g[k])
-        self.slot(name, "weight", 1, per_g[0], "in", kind)
+        self.slot(name, weight, 1, per_g[0], "in", kind)
         out = np.tile(self.uf.new(cout // g), g)
-        self.slot(name, "weight", 0, out, "out", kind, source=True)
-        if mod.bias is not None:
-            self.slot(name, "bias", 0, out, "out", kind)
+        self.slot(name, weight, 0, out, "out", kind, source=True)
+        if bias is not None:
+            self.slot(name, bias, 0, out, "out", kind)
         return self.fresh_like(out, real, 1)
+
+    def linear(self, name: str, kind: str, x: torch.Tensor, real: torch.Tensor, cout: int,
+               bias: str | None, weight: str = "weight") -> torch.Tensor:
+        """Codes of `x @ name.weight.T (+ name.bias)` over the last dim of `x`."""
+        ids, _ = self.per_channel(x, x.dim() - 1)
+        self.slot(name, weight, 1, ids, "in", kind)
+        out = self.uf.new(cout)
+        self.slot(name, weight, 0, out, "out", kind, source=True)
+        if bias is not None:
+            self.slot(name, bias, 0, out, "out", kind)
+        return self.fresh_like(out, real, real.dim() - 1)
+
+    def weighted(self, name: str, node: fx.Node, real: torch.Tensor, args: tuple, kwargs: dict,
+                 cargs: tuple, ckw: dict) -> Any:
+        """F.conv1d/2d/3d, F.linear, F.batch_norm, F.instance_norm. Weights read straight from
+        a module (its parameters or buffers, e.g. timm's BatchNormAct2d calling F.batch_norm on
+        self.weight) get the slots of the module forms, named after that module. A conv or
+        linear weight built in forward (standardized, expanded, a literal) mixes channels:
+        inputs frozen, output opaque; so does a depthwise F.conv with a literal `groups`, which
+        the pruned model would still pass (timm's BlurPool2d: groups=self.channels)."""
+        sig = _WEIGHTED[name]
+
+        def arg(key: str) -> tuple[Any, Any, Any]:
+            i = sig.index(key)
+            if key in kwargs:
+                return kwargs[key], ckw[key], node.kwargs[key]
+            if i < len(args):
+                return args[i], cargs[i], node.args[i]
+            return None, None, None
+
+        def owner(src: Any) -> tuple[str, str] | None:
+            if isinstance(src, fx.Node) and src.op == "get_attr" \
+                    and src.target not in self.constants and "." in src.target:
+                mod, _, attr = src.target.rpartition(".")
+                return mod, attr
+            return None
+        x = cargs[0] if cargs else ckw["input"]
+        if not isinstance(x, torch.Tensor):
+            return self.apply("mix", name, node, real, args, kwargs, cargs, ckw)
+        if name in ("batch_norm", "instance_norm"):
+            return self.norm(x, real, {k: arg(k)[1:] for k in sig[1:5]}, owner)
+        w, _, wsrc = arg("weight")
+        b, _, bsrc = arg("bias")
+        wo, bo = owner(wsrc), owner(bsrc) if b is not None else None
+        groups = arg("groups")[0] if "groups" in sig else 1
+        groups = 1 if groups is None else groups
+        if wo is None or (b is not None and (bo is None or bo[0] != wo[0])):
+            return self.apply("mix", name, node, real, args, kwargs, cargs, ckw)
+        if groups > 1 and x.shape[1] // groups == 1:      # depthwise, literal groups: frozen
+            ids, _ = self.per_channel(x, 1)
+            self.freeze(ids)
+            return self.fresh_like(np.repeat(ids, w.shape[0] // len(ids)), real, 1)
+        kind = type(self.model.get_submodule(wo[0])).__name__
+        bias = bo[1] if bo is not None else None
+        if name == "linear":
+            return self.linear(wo[0], kind, x, real, w.shape[0], bias, wo[1])
+        return self.conv(wo[0], kind, x, real, groups, w.shape[0], bias, wo[1])
+
+    def norm(self, x: torch.Tensor, real: torch.Tensor, operands: dict, owner) -> torch.Tensor:
+        """F.batch_norm / F.instance_norm: per channel of dim 1. Running statistics read from a
+        module are 'stat' slots, weight and bias 'affine' ones (so `zero_` zeroes them and the
+        output of a zeroed channel is exactly 0, whatever its input); an operand without
+        channels (a literal tensor) freezes the channels it faces."""
+        ids, _ = self.per_channel(x, 1, freeze_unsafe=False)
+        safe = np.zeros(len(ids), dtype=bool)
+        for key, (code, src) in operands.items():
+            if code is None:
+                continue
+            vids, vsafe = self.per_channel(code, 0, freeze_unsafe=False)
+            self.freeze(ids[vids < 0])
+            self.uf.union_arrays(ids, vids)
+            ids = np.where(ids >= 0, ids, vids)
+            at = owner(src)
+            if at is not None:
+                role = "stat" if key.startswith("running") else "affine"
+                kind = type(self.model.get_submodule(at[0])).__name__
+                self.slot(at[0], at[1], 0, ids, role, kind)
+            if key == "weight":
+                safe = vsafe.astype(bool)
+            elif key == "bias":
+                safe &= vsafe.astype(bool)
+        shape = [1] * real.dim()
+        shape[1] = -1
+        code = _enc(torch.from_numpy(ids).reshape(shape), torch.from_numpy(safe).reshape(shape))
+        return code.expand(real.shape)
 
     def channel_pad(self, name: str, mod: ChannelPad, x: torch.Tensor,
                     real: torch.Tensor) -> torch.Tensor:
@@ -905,7 +1064,42 @@ class _Tracer:
         out.sort(key=lambda g: min(order[(m.module, m.param, m.dim)] for m in g.members))
         for i, g in enumerate(out):
             g.index = i
+        return GroupList(out, self.frozen_ops(roots, sourced))
+
+    def frozen_ops(self, roots: np.ndarray, sourced: set[int]) -> list[FrozenOp]:
+        """For each op that first froze channels some layer produces (ops that freeze them
+        again further down are not listed): how many, and those layers."""
+        makers: dict[int, list[str]] = {}
+        for (module, _, _), s in self.slots.items():
+            if s["source"]:
+                for r in np.unique(roots[s["ids"]]):
+                    makers.setdefault(int(r), []).append(module)
+        first: dict[int, str] = {}
+        for why, ids in zip(self.why, self.frozen):
+            for r in np.unique(roots[ids]):
+                first.setdefault(int(r), why)
+        per: dict[str, set[int]] = {}
+        for r, why in first.items():
+            if r in sourced:
+                per.setdefault(why, set()).add(r)
+        out = []
+        for why, classes in per.items():
+            if classes:
+                layers = dict.fromkeys(m for c in sorted(classes) for m in makers.get(c, ()))
+                out.append(FrozenOp(why, len(classes), list(layers)))
         return out
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    """How a node is named in messages: 'input', 'output', 'layer1.0.se (SEModule)',
+    "mul_3 ('mul')"."""
+    if node.op in ("placeholder", "output"):
+        return "input" if node.op == "placeholder" else "output"
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__",
+                                                                   str(node.target))
+    return f"{node.name} ({target!r})"
 
 
 def _squeeze_broadcast(code: torch.Tensor, keep: int = -1) -> torch.Tensor:
@@ -934,9 +1128,23 @@ def _varying_dims(code: torch.Tensor) -> set[int]:
             if ids.shape[d] > 1 and bool((ids.amax(d) != ids.amin(d)).any())}
 
 
-def _indexed_dims(idx: tuple, ndim: int) -> list[int]:
-    """Dims of a tensor that an index tuple restricts (anything but a full ':' slice); a bool
-    mask covers as many dims as it has."""
+class _Derived:
+    """An index computed from sizes at run time (not a literal): it restricts its dim."""
+
+
+def _literal(e: Any) -> bool:
+    """True when an fx argument holds no Node (its value is the same in the pruned model)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(e if not isinstance(e, slice) else (e.start, e.stop, e.step), found.append)
+    return not found
+
+
+def _indexed_dims(idx: tuple, shape: tuple[int, ...]) -> list[int]:
+    """Dims of a tensor of `shape` that an index tuple restricts: anything but a slice that
+    keeps every position in order (':', '0:n' or ':n' with n >= the size, which stays the whole
+    dim when it shrinks: GhostNet's cat(...)[:, :out_chs]); a bool mask covers as many dims as
+    it has."""
+    ndim = len(shape)
     def span(e: Any) -> int:
         return e.dim() if isinstance(e, torch.Tensor) and e.dtype == torch.bool else 1
     out, d = [], 0
@@ -947,7 +1155,7 @@ def _indexed_dims(idx: tuple, ndim: int) -> list[int]:
         elif e is None:
             continue
         else:
-            if not (isinstance(e, slice) and e == slice(None)):
+            if not (isinstance(e, slice) and e.indices(shape[d]) == (0, shape[d], 1)):
                 out.extend(range(d, d + span(e)))
             d += span(e)
     return out
@@ -973,14 +1181,15 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_inputs: Any) -> GroupList:
     """Trace `model` on `example_inputs` (a tensor or tuple) and return its channel groups.
 
     The model is run once (in its current train/eval mode, without gradients) and left as it
     was: buffers (BatchNorm running statistics, counters) are restored afterwards and the global
     random state is forked, so tracing a model in training mode does not overwrite its
     statistics with those of `example_inputs`. Every group holds a reference to `model`, which
-    `ChannelGroup.zero_` acts on by default.
+    `ChannelGroup.zero_` acts on by default. The result is a list (`GroupList`) whose `frozen`
+    names the ops that kept channels out of every group (`summary()` prints both).
 
     `example_inputs` must be a batch (batch dimension first; size 1 is fine): no tensor, an empty
     batch or an unbatched input to a conv / linear layer is a ValueError. An op whose effect on
@@ -1011,5 +1220,5 @@ def _is_leaf_with_channels(m: nn.Module) -> bool:
                           nn.modules.batchnorm._NormBase))
 
 
-__all__ = ["ChannelGroup", "Member", "UnsupportedOpError", "channel_groups", "register_op",
+__all__ = ["ChannelGroup", "FrozenOp", "GroupList", "Member", "UnsupportedOpError", "channel_groups", "register_op",
            "ROLES"]

@@ -211,7 +211,6 @@ CASES.update({
     "layer_norm": Case(lambda s, y, w: F.layer_norm(y.permute(0, 2, 3, 1), (8,)), False),
     "group_norm": Case(lambda s, y, w: F.group_norm(y, 2), False),
     "local_response_norm": Case(lambda s, y, w: F.local_response_norm(y, 2), False),
-    "linear": Case(lambda s, y, w: F.linear(_seq(y), torch.ones(3, 8)), False),
     "scaled_dot_product_attention": Case(
         lambda s, y, w: F.scaled_dot_product_attention(_seq(y), _seq(w), _seq(w)), False),
     "baddbmm": Case(lambda s, y, w: torch.baddbmm(torch.zeros(2, 8, 8), y.flatten(2),
@@ -219,6 +218,18 @@ CASES.update({
     "addmm": Case(lambda s, y, w: torch.addmm(torch.zeros(2, 2), y.flatten(1),
                                               w.flatten(1).t()), False),
     "norm": Case(lambda s, y, w: y.norm(dim=1), False),
+    # weighted: functional forms on a module's own parameters / buffers, sliced like the module
+    "conv1d": mod(nn.Conv1d(8, 6, 3), lambda s, y, w: F.conv1d(y.flatten(2), s.m.weight,
+                                                                s.m.bias)),
+    "conv2d": mod(nn.Conv2d(8, 8, 3, padding=1),
+                  lambda s, y, w: F.conv2d(y, s.m.weight, s.m.bias, 1, 1)),
+    "conv3d": mod(nn.Conv3d(8, 4, 1, bias=False),
+                  lambda s, y, w: F.conv3d(y.unsqueeze(2), s.m.weight)),
+    "linear": mod(nn.Linear(8, 5), lambda s, y, w: F.linear(_seq(y), s.m.weight, s.m.bias)),
+    "batch_norm": mod(nn.BatchNorm2d(8), lambda s, y, w: F.batch_norm(
+        y, s.m.running_mean, s.m.running_var, s.m.weight, s.m.bias, False, 0.1, 1e-5)),
+    "instance_norm": mod(nn.InstanceNorm2d(8, affine=True), lambda s, y, w: F.instance_norm(
+        y, weight=s.m.weight, bias=s.m.bias)),
     # meta: sizes only
     "size": Case(lambda s, y, w: y.reshape(y.size(0), -1), True),
     "dim": Case(lambda s, y, w: y.flatten(y.dim() - 2), True),
@@ -307,6 +318,20 @@ VARIANTS: dict[str, Case] = {
     "max_pool1d:channels_last": Case(lambda s, y, w: F.max_pool1d(_seq(y), 2), False),
     "max_pool3d:over_channels": Case(lambda s, y, w: F.max_pool3d(y, (2, 1, 1)), False),
     "add:other_keyword": Case(lambda s, y, w: torch.add(y, other=w), True),
+    "getitem:full_literal_slice": Case(lambda s, y, w: y[:, :8], True),     # stays everything
+    "softmax:gate_over_a_spatial_dim": Case(lambda s, y, w: y * torch.softmax(w, 2), True),
+    "sum:stacked_branches": Case(lambda s, y, w: torch.stack([y, w], 1).sum(1), True),
+    "linear:literal_weight": Case(lambda s, y, w: F.linear(_seq(y), torch.ones(3, 8)), False),
+    "conv2d:computed_weight": mod(nn.Conv2d(8, 4, 1), lambda s, y, w: F.conv2d(
+        y, s.m.weight * 2, s.m.bias), keep=False),
+    "conv2d:grouped": mod(nn.Conv2d(8, 8, 1, groups=2), lambda s, y, w: F.conv2d(
+        y, s.m.weight, s.m.bias, groups=2)),
+    "conv2d:depthwise_literal_groups": mod(nn.Conv2d(8, 8, 3, groups=8), lambda s, y, w: F.conv2d(
+        y, s.m.weight, s.m.bias, groups=8), keep=False),
+    "batch_norm:no_affine": mod(nn.BatchNorm2d(8, affine=False), lambda s, y, w: F.batch_norm(
+        y, s.m.running_mean, s.m.running_var), keep=False),
+    "batch_norm:literal_weight": mod(nn.BatchNorm2d(8), lambda s, y, w: F.batch_norm(
+        y, s.m.running_mean, s.m.running_var, torch.ones(8)), keep=False),
 }
 
 
@@ -408,6 +433,15 @@ def check_claim(kind: str, name: str, case: Case) -> None:
                     return r
             Spy(gm).run(X)
             assert seen and not any(isinstance(r, torch.Tensor) for r in seen), name
+        elif kind == "weighted":                     # zeroing the module's producer params
+            net = copy.deepcopy(net)                  # of channel C0 zeroes that output
+            for p in (net.m.weight, getattr(net.m, "bias", None)):
+                if p is not None:
+                    p[C0] = 0
+            out = case.f(net, y, w)
+            out = out.movedim(-1, 1) if name == "linear" else out
+            assert torch.equal(out[:, C0], torch.zeros_like(out[:, C0])), name
+            assert out.abs().amax() > 0, name
         else:
             assert kind == "mix", kind                # inputs frozen: checked by the caller
 

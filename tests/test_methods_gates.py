@@ -15,7 +15,7 @@ from prunelib.surgery import removed_branches
 
 from test_surgery import randomize_bn
 
-GATE_METHODS = ["sss"]
+GATE_METHODS = ["sss", "resrep"]
 
 
 def tiny_resnet(shortcut: str = "A", seed: int = 0) -> CifarResNet:
@@ -139,3 +139,95 @@ def test_sss_budget_is_met(structure):
     assert pl.count(small, x[:1])[0] <= 0.6 * dense
     if structure == "blocks":
         assert sss.target_reached is True
+
+
+# --- ResRep -------------------------------------------------------------------------------------
+def perturbed_compactors(rr, zero_rows: int = 1, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in rr.Q:
+            q.add_(0.2 * torch.randn(q.shape, generator=gen))
+            q[:zero_rows] = 0.0
+
+
+def test_resrep_gradient_reset_equals_mask_times_grad_plus_row_lasso_by_hand():
+    model, (x, y) = tiny_resnet(), batch()
+    lam = 0.05
+    rr, model = attached("resrep", model, x, lam=lam)
+    assert [c for _, c, _ in rr.comp] == ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]
+    perturbed_compactors(rr)
+    for m in rr.mask:
+        m[1::2] = 0.0
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    raw = [q.grad.clone() for q in rr.Q]
+    rr.after_backward(model)
+    for q, m, g in zip(rr.Q, rr.mask, raw):
+        assert g.abs().sum() > 0
+        w = q.detach()
+        for i in range(w.shape[0]):                                  # row by row, by hand
+            norm = sum(float(v) ** 2 for v in w[i]) ** 0.5
+            want = m[i] * g[i] + (lam * w[i] / norm if norm > 0 else 0 * w[i])
+            torch.testing.assert_close(q.grad[i], want, rtol=1e-5, atol=1e-7)
+    groups = rr.param_groups(model, 0.1, 5e-4)
+    assert groups[1]["params"] == rr.Q and groups[1]["momentum"] == 0.99
+    assert groups[1]["weight_decay"] == 0.0
+    assert not any(p is q for q in rr.Q for p in groups[0]["params"])
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_resrep_conversion_is_exact_and_removes_the_zero_rows(shortcut, tmp_path):
+    model, (x, _) = tiny_resnet(shortcut), batch()
+    rr, model = attached("resrep", model, x)
+    perturbed_compactors(rr, zero_rows=2)
+    with torch.no_grad():
+        rr.Q[2][5] = 1e-7                                   # below the conversion threshold
+        y = model(x)
+        merged = rr.merged(model).eval()
+        torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+    small = rr.finish(model, None).eval()
+    assert no_hooks(small) and no_hooks(merged)
+    assert [small.get_submodule(c).out_channels for _, c, _ in rr.comp] == [2, 6, 13]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), y, rtol=1e-5, atol=1e-5)
+    assert pl.count(small, x)[0] < pl.count(model, x)[0]
+    round_trip(small, CifarResNet(8, shortcut=shortcut, width=4), x, tmp_path / "r.pt")
+
+
+def test_resrep_masks_grow_by_granularity_along_the_global_norm_order_to_the_target():
+    model, (x, _) = tiny_resnet(), batch()
+    rr, model = attached("resrep", model, x, granularity=3, macs=0.6)
+    perturbed_compactors(rr, zero_rows=0, seed=3)
+    norms = torch.cat([n.cpu() for n in rr.row_norms()])
+    order = torch.argsort(norms)
+    masked = []
+    for _ in range(20):
+        rr.update_masks()
+        now = torch.cat([(m == 0).cpu() for m in rr.mask])
+        masked.append(int(now.sum()))
+        k = masked[-1]                                   # the k globally smallest rows (floors
+        assert set(torch.nonzero(now).flatten().tolist()) <= set(order[:k + 8].tolist())
+        if rr.target_reached:
+            break
+    assert masked[:3] == [3, 6, 9] and rr.target_reached
+    small = rr.finish(model, Budget(macs=0.6))
+    assert pl.count(small, x[:1])[0] <= 0.6 * pl.count(model, x[:1])[0]
+
+
+def test_resrep_short_phase_decays_masked_rows_only_by_the_lasso_gradient():
+    from prunelib.data import Batches
+    model, _ = tiny_resnet(), batch()
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8, generator=gen)
+    data = Batches(imgs, torch.randint(0, 10, (32,), generator=gen), batch_size=8)
+    rr = methods.get("resrep", lam=0.5, mask_interval=1, warmup=0.0, granularity=2)
+    rr.ctx = methods.Context(example_inputs=torch.randn(1, 3, 8, 8), train_loader=data,
+                             epochs=2, lr=0.05, quiet=True)
+    model = rr.attach(model, pl.channel_groups(model, rr.ctx.example_inputs))
+    before = [n.clone() for n in rr.row_norms()]
+    rr.regularize(model, rr.ctx)
+    assert rr.step == 8 and rr.mask_updates == 8
+    for m, b, a in zip(rr.mask, before, rr.row_norms()):
+        off = m == 0
+        if off.any():
+            assert (a[off] < b[off]).all()                   # masked rows shrink

@@ -82,7 +82,7 @@ for _k, _names in {
     "move": "view reshape permute transpose t flatten unflatten squeeze unsqueeze expand "
             "expand_as repeat getitem cat concat concatenate stack chunk split tensor_split "
             "unbind narrow select index_select flip roll pixel_shuffle pixel_unshuffle "
-            "channel_shuffle native_channel_shuffle movedim swapaxes pad",
+            "channel_shuffle native_channel_shuffle movedim swapaxes pad reshape_as view_as",
     "chan": "max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d "
             "adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d "
             "adaptive_max_pool3d lp_pool2d interpolate",
@@ -111,6 +111,7 @@ _MODULE_OPS: dict[type, str] = {
     nn.AdaptiveMaxPool2d: "chan", nn.AdaptiveMaxPool3d: "chan", nn.LPPool2d: "chan",
     nn.Upsample: "chan", nn.UpsamplingNearest2d: "chan", nn.UpsamplingBilinear2d: "chan",
     nn.ReflectionPad2d: "move", nn.ReplicationPad2d: "move", nn.ZeroPad2d: "move",
+    nn.ConstantPad2d: "move",
     nn.Flatten: "move", nn.Unflatten: "move", nn.PixelShuffle: "move",
     nn.PixelUnshuffle: "move", nn.ChannelShuffle: "move",
     nn.LayerNorm: "mix", nn.GroupNorm: "mix", nn.LocalResponseNorm: "mix", nn.Softmax: "mix",
@@ -131,7 +132,7 @@ _WEIGHTED = {
     "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
 }
 _PAD_MODULES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate",
-                nn.ZeroPad2d: "constant"}
+                nn.ZeroPad2d: "constant", nn.ConstantPad2d: "constant"}
 _TENSOR_ATTRS = ("T", "mT", "H", "mH", "data")   # tensor attributes that only move data
 
 
@@ -353,6 +354,8 @@ class _Tracer:
         self.frozen: list[np.ndarray] = []
         self.why: list[str] = []                # the op that froze each entry of `frozen`
         self.where = "input"                    # the op being traced (for `why`)
+        self.read: set[str] = set()             # modules whose tensors forward reads (get_attr)
+        self.made: list[tuple[str, np.ndarray]] = []   # frozen outputs of unsliceable layers
         self.slots: dict[tuple[str, str, int], dict] = {}
         self.inputs = example_inputs
 
@@ -418,8 +421,18 @@ class _Tracer:
     # handlers ------------------------------------------------------------------------------------
     def run(self) -> None:
         before = set(vars(self.model))
+        tracer = _LeafTracer()
         try:
-            gm = fx.GraphModule(self.model, _LeafTracer().trace(self.model))
+            gm = fx.GraphModule(self.model, tracer.trace(self.model))
+        except (fx.proxy.TraceError, TypeError, AssertionError) as e:
+            stack = list(getattr(tracer, "module_stack", {}))
+            path = stack[-1] if stack else ""
+            kind = type(self.model.get_submodule(path)).__name__
+            raise UnsupportedOpError(
+                f"channel_groups cannot trace module {kind} at '{path or '<root>'}' with "
+                f"torch.fx ({type(e).__name__}: {str(e).strip()[:160]}). If it does not mix "
+                f"channels, declare it with prunelib.graph.register_op({kind}, kind) before "
+                "tracing (it is then a leaf).") from e
         finally:                      # fx stores literal tensors of forward on the root module
             self.constants = set(vars(self.model)) - before
             for name in self.constants:
@@ -445,6 +458,7 @@ class _Tracer:
                     code = self.fresh_code(real, frozen=True)
             elif node.op == "get_attr":
                 real = _fetch(gm, node.target)
+                self.read.add(node.target.rpartition(".")[0])
                 code = self.attr_code(node.target, real)
             elif node.op == "output":
                 self.freeze_code(cargs)
@@ -506,8 +520,8 @@ class _Tracer:
         if kind is None:
             raise UnsupportedOpError(
                 f"channel_groups cannot follow channels through {node.op} {name!r} "
-                f"(node '{node.name}'). If it does not mix channels, declare what it does with "
-                f"prunelib.graph.register_op({name!r}, kind) before tracing.")
+                f"(node '{node.name}'){_inside(node)}. If it does not mix channels, declare "
+                f"what it does with prunelib.graph.register_op({name!r}, kind) before tracing.")
         if name == "getattr":
             return real, self.tensor_attr(args, cargs, real)
         if kind == "meta" or not _tensors(real):            # sizes, dtypes, x.type() -> str
@@ -587,6 +601,11 @@ class _Tracer:
             codes = ckw.get("tensors", cargs[0] if cargs else None)
             d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             self.couple_shapes(list(codes), parts[0].dim(), None if name == "stack" else d)
+        elif name in ("reshape_as", "view_as") and x is not None:   # `other`'s shape: both
+            if real.shape == x.shape:      # shrink alike, or (another shape) neither may
+                self.couple_shapes([x, cargs[1]], x.dim(), None)
+            else:
+                self.freeze_code((x, cargs[1]))
         elif name == "expand_as":                 # x's full dims must keep matching `other`'s
             a, b = torch.broadcast_tensors(cargs[0], cargs[1])
             self.fixed_operand(a, b, args[0])
@@ -962,10 +981,18 @@ class _Tracer:
         wo, bo = owner(wsrc), owner(bsrc) if b is not None else None
         groups = arg("groups")[0] if "groups" in sig else 1
         groups = 1 if groups is None else groups
+        stack = list((node.meta.get("nn_module_stack") or {node.name: (node.name,)}).values())
         if wo is None or (b is not None and (bo is None or bo[0] != wo[0])):
-            return self.apply("mix", name, node, real, args, kwargs, cargs, ckw)
+            self.where += ", weight computed in forward"
+            self.apply("mix", name, node, real, args, kwargs, cargs, ckw)   # inputs frozen
+            dim = real.dim() - 1 if name == "linear" else 1
+            out = self.uf.new(real.shape[dim])             # outputs: channels of their own,
+            self.freeze(out)                               # frozen, listed under this op
+            self.made.append((stack[-1][0], out))
+            return _enc(_ids(self.fresh_like(out, real, dim)), False)
         if groups > 1 and x.shape[1] // groups == 1:      # depthwise, literal groups: frozen
             ids, _ = self.per_channel(x, 1)
+            self.where += f", depthwise with a literal groups={groups}"
             self.freeze(ids)
             return self.fresh_like(np.repeat(ids, w.shape[0] // len(ids)), real, 1)
         kind = type(self.model.get_submodule(wo[0])).__name__
@@ -1074,13 +1101,18 @@ class _Tracer:
             if s["source"]:
                 for r in np.unique(roots[s["ids"]]):
                     makers.setdefault(int(r), []).append(module)
+        listed = set(sourced)
+        for why, ids in self.made:
+            for r in np.unique(roots[ids]):
+                makers.setdefault(int(r), []).append(why)
+                listed.add(int(r))
         first: dict[int, str] = {}
         for why, ids in zip(self.why, self.frozen):
             for r in np.unique(roots[ids]):
                 first.setdefault(int(r), why)
         per: dict[str, set[int]] = {}
         for r, why in first.items():
-            if r in sourced:
+            if r in listed:
                 per.setdefault(why, set()).add(r)
         out = []
         for why, classes in per.items():
@@ -1099,7 +1131,16 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
         return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
     target = node.target if node.op == "call_method" else getattr(node.target, "__name__",
                                                                    str(node.target))
-    return f"{node.name} ({target!r})"
+    return f"{node.name} ({target!r}){_inside(node)}"
+
+
+def _inside(node: fx.Node) -> str:
+    """' in <module path> (<class>)': the module whose forward made a function-call node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, kind = list(stack.values())[-1]
+    return f" in {path} ({getattr(kind, '__name__', kind)})"
 
 
 def _squeeze_broadcast(code: torch.Tensor, keep: int = -1) -> torch.Tensor:
@@ -1205,7 +1246,7 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> GroupList:
         finally:
             for n, b in model.named_buffers():
                 b.copy_(saved[n])
-    traced = {k[0] for k in tracer.slots}
+    traced = {k[0] for k in tracer.slots} | tracer.read
     untraced = [n for n, m in model.named_modules()
                 if n and not list(m.children()) and any(True for _ in m.parameters(False))
                 and n not in traced and _is_leaf_with_channels(m)]
@@ -1220,5 +1261,5 @@ def _is_leaf_with_channels(m: nn.Module) -> bool:
                           nn.modules.batchnorm._NormBase))
 
 
-__all__ = ["ChannelGroup", "FrozenOp", "GroupList", "Member", "UnsupportedOpError", "channel_groups", "register_op",
-           "ROLES"]
+__all__ = ["ChannelGroup", "FrozenOp", "GroupList", "Member", "UnsupportedOpError",
+           "channel_groups", "register_op", "ROLES"]

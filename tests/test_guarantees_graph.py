@@ -164,6 +164,9 @@ CASES.update({
     "movedim": Case(lambda s, y, w: torch.movedim(y, 1, 3), True),
     "swapaxes": Case(lambda s, y, w: torch.swapaxes(y, 1, 2), True),
     "pad": Case(lambda s, y, w: F.pad(y, (1, 1, 2, 0)), True),
+    "reshape_as": Case(lambda s, y, w: y.permute(0, 2, 3, 1).reshape_as(w.permute(0, 2, 3, 1)),
+                       True),
+    "view_as": Case(lambda s, y, w: y.view_as(w), True),
     # chan: pooling / resampling of the trailing spatial dims
     "max_pool1d": Case(lambda s, y, w: F.max_pool1d(y.flatten(2), 2), True),
     "max_pool2d": Case(lambda s, y, w: F.max_pool2d(y, 2), True),
@@ -267,6 +270,7 @@ MODULE_CASES.update({
     nn.ReflectionPad2d: mod(nn.ReflectionPad2d((1, 2, 0, 1)), lambda s, y, w: s.m(y)),
     nn.ReplicationPad2d: mod(nn.ReplicationPad2d(1), lambda s, y, w: s.m(y)),
     nn.ZeroPad2d: mod(nn.ZeroPad2d(1), lambda s, y, w: s.m(y)),
+    nn.ConstantPad2d: mod(nn.ConstantPad2d((1, 0, 2, 1), 0.0), lambda s, y, w: s.m(y)),
     nn.Flatten: mod(nn.Flatten(2), lambda s, y, w: s.m(y)),
     nn.Unflatten: mod(nn.Unflatten(2, (2, 4)), lambda s, y, w: s.m(y)),
     nn.PixelShuffle: mod(nn.PixelShuffle(2), lambda s, y, w: s.m(y)),
@@ -321,6 +325,7 @@ VARIANTS: dict[str, Case] = {
     "getitem:full_literal_slice": Case(lambda s, y, w: y[:, :8], True),     # stays everything
     "softmax:gate_over_a_spatial_dim": Case(lambda s, y, w: y * torch.softmax(w, 2), True),
     "sum:stacked_branches": Case(lambda s, y, w: torch.stack([y, w], 1).sum(1), True),
+    "reshape_as:another_shape": Case(lambda s, y, w: y.reshape_as(w.flatten(1)), False),
     "linear:literal_weight": Case(lambda s, y, w: F.linear(_seq(y), torch.ones(3, 8)), False),
     "conv2d:computed_weight": mod(nn.Conv2d(8, 4, 1), lambda s, y, w: F.conv2d(
         y, s.m.weight * 2, s.m.bias), keep=False),

@@ -2,6 +2,7 @@
 hand or autograd computation of the paper's formula, folds / conversions against the eval output,
 budgets against pl.count, and the finished model (plain, smaller) through save / load."""
 import copy
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from prunelib.surgery import removed_branches
 
 from test_surgery import randomize_bn
 
-GATE_METHODS = ["sss", "resrep"]
+GATE_METHODS = ["sss", "resrep", "gdp", "dmc"]
 
 
 def tiny_resnet(shortcut: str = "A", seed: int = 0) -> CifarResNet:
@@ -231,3 +232,141 @@ def test_resrep_short_phase_decays_masked_rows_only_by_the_lasso_gradient():
         off = m == 0
         if off.any():
             assert (a[off] < b[off]).all()                   # masked rows shrink
+
+
+# --- GDP and DMC: gates on channels -------------------------------------------------------------
+def gate_grad_oracle(method, model: nn.Module, x, y, gate_values: torch.Tensor) -> torch.Tensor:
+    """dL/dg by autograd: a hook-free copy of the model gated by a leaf tensor g (identity fn),
+    L = CE + the method's resource / FLOPs term written with g."""
+    from prunelib.methods.structures import Structures
+    plain = copy.deepcopy(model)
+    method.st.strip(plain)
+    g = gate_values.detach().clone().requires_grad_(True)
+    st = Structures(plain, method.groups, "channels", x[:1], "oracle")
+    st.install(plain, g, lambda t: t)
+    loss = nn.functional.cross_entropy(plain(x), y)
+    ratio = st.soft_macs(method.mac, g) / method.mac.dense
+    if method.name == "gdp":
+        loss = loss + method.lam * torch.relu(ratio - method.target)
+    else:
+        loss = loss + method.lam * torch.log(torch.clamp(ratio, min=method.target)
+                                             / method.target)
+    loss.backward()
+    return g.grad
+
+
+def test_gdp_gate_gradient_is_dl_dg_times_the_smoothed_l0_derivative():
+    model, (x, y) = tiny_resnet("B"), batch()
+    gdp, model = attached("gdp", model, x, lam=3.0, macs=0.3)
+    assert any(g.coupled for g in gdp.groups)          # trunk channels share one gate
+    eps = 0.05
+    gdp.eps = eps
+    with torch.no_grad():
+        gdp.theta.copy_(torch.linspace(-0.6, 0.9, gdp.st.n))
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), y) + gdp.loss_term(model)
+    loss.backward()
+    th = gdp.theta.detach()
+    g = th ** 2 / (th ** 2 + eps)
+    dg = gate_grad_oracle(gdp, model, x, y, g)
+    assert gdp.loss_term(model) > 0                     # the FLOPs term is active
+    torch.testing.assert_close(gdp.theta.grad, dg * 2 * th * eps / (th ** 2 + eps) ** 2,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_bilinear_macs_of_binary_gates_equal_the_count_of_the_pruned_model():
+    model, (x, _) = tiny_resnet("A"), batch()
+    gdp, model = attached("gdp", model, x)
+    gen = torch.Generator().manual_seed(2)
+    g = (torch.rand(gdp.st.n, generator=gen) > 0.4).float()
+    with torch.no_grad():
+        gdp.theta.copy_(g)                                     # theta = 0 -> gate exactly 0
+    small = gdp.finish(model, None)
+    assert float(gdp.st.soft_macs(gdp.mac, g)) == pl.count(small, x[:1])[0]
+
+
+def test_gdp_adam_step_zero_crossing_and_annealing():
+    model, (x, y) = tiny_resnet(), batch()
+    gdp, model = attached("gdp", model, x, anneal_steps=4, gate_lr=0.3, eps_start=1e-2,
+                          eps_end=1e-4)
+    with torch.no_grad():
+        gdp.theta.copy_(torch.linspace(-0.5, 0.5, gdp.st.n) + 0.013)
+    model.train()
+    th = gdp.theta.detach().clone()
+    m, v = torch.zeros_like(th), torch.zeros_like(th)
+    dead = torch.zeros_like(th, dtype=torch.bool)
+    for t in range(1, 5):
+        gdp.theta.grad = None
+        (nn.functional.cross_entropy(model(x), y) + gdp.loss_term(model)).backward()
+        grad = gdp.theta.grad.clone()
+        gdp.after_step(model)
+        m = 0.9 * m + 0.1 * grad                                 # Adam by hand
+        v = 0.999 * v + 0.001 * grad ** 2
+        new = th - 0.3 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        dead |= new * th <= 0
+        th = torch.where(dead, torch.zeros_like(new), new)
+        torch.testing.assert_close(gdp.theta.detach(), th, rtol=1e-5, atol=1e-6)
+        assert gdp.eps == pytest.approx(1e-2 * (1e-2) ** (t / 4))
+    assert dead.any() and (gdp.theta.detach()[dead] == 0).all()
+    assert gdp.eps == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("name", ["gdp", "dmc"])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_gate_fold_and_removal_are_exact_and_round_trip(name, shortcut, tmp_path):
+    model, (x, _) = tiny_resnet(shortcut), batch()
+    m, model = attached(name, model, x, residual="coupled")
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        m.theta.copy_(torch.rand(m.st.n, generator=gen) * 2 - 0.5)
+        if name == "gdp":
+            m.theta[m.theta < 0] = 0.0                         # dead gates: exactly 0
+        y = model(x)
+    small = m.finish(model, None).eval()
+    assert no_hooks(small)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), y, rtol=1e-5, atol=1e-5)
+    off = int((m.gates() == 0).sum())
+    assert off > 0
+    assert pl.count(small, x)[0] < pl.count(model, x)[0]
+    round_trip(small, CifarResNet(8, shortcut=shortcut, width=4), x, tmp_path / "g.pt")
+    budget = m.finish(model, Budget(macs=0.4))
+    assert pl.count(budget, x[:1])[0] <= 0.4 * pl.count(model, x[:1])[0]
+
+
+def test_dmc_gates_are_binary_and_the_ste_gradient_is_dl_dg_inside_the_window():
+    model, (x, y) = tiny_resnet(), batch()
+    dmc, model = attached("dmc", model, x, lam=2.0, macs=0.5)
+    with torch.no_grad():
+        perm = torch.randperm(dmc.st.n, generator=torch.Generator().manual_seed(0))
+        dmc.theta.copy_(torch.linspace(-0.4, 1.5, dmc.st.n)[perm])
+    assert all((dmc.theta[sl] > 0).any() for sl in dmc.st.slices.values())
+    model.train()
+    (nn.functional.cross_entropy(model(x), y) + dmc.loss_term(model)).backward()
+    th = dmc.theta.detach()
+    g = (th > 0).float()
+    dg = gate_grad_oracle(dmc, model, x, y, g)
+    assert dmc.loss_term(model) > 0
+    torch.testing.assert_close(dmc.theta.grad, dg * (th.abs() <= 1).float(),
+                               rtol=1e-4, atol=1e-7)
+    # the resource term by hand from the count of the hard-gated, pruned model
+    t = pl.count(dmc.finish(model, None), x[:1])[0]
+    p_t0 = 0.5 * pl.count(model, x[:1])[0]
+    assert float(dmc.resource().detach()) == pytest.approx(math.log(max(t, p_t0) / p_t0), rel=1e-6)
+
+
+def test_dmc_trains_only_the_gates():
+    from prunelib.data import Batches
+    model = tiny_resnet()
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8, generator=gen)
+    data = Batches(imgs, torch.randint(0, 10, (32,), generator=gen), batch_size=8)
+    dmc = methods.get("dmc", lam=5.0, macs=0.2)
+    dmc.ctx = methods.Context(example_inputs=torch.randn(1, 3, 8, 8), train_loader=data,
+                              epochs=2, lr=0.5, quiet=True)
+    model = dmc.attach(model, pl.channel_groups(model, dmc.ctx.example_inputs))
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    theta = dmc.theta.detach().clone()
+    dmc.regularize(model, dmc.ctx)
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+    assert not torch.equal(dmc.theta.detach(), theta) and (dmc.gates() == 0).any()

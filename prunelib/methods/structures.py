@@ -27,7 +27,7 @@ from torch import nn
 
 from ..graph import ChannelGroup
 from ..measure import layer_macs
-from ..select import Budget
+from ..select import Budget, MacModel
 from ..surgery import Branch, remove_branches, remove_channels, residual_branches
 
 STRUCTURES = ("auto", "blocks", "channels")
@@ -49,6 +49,14 @@ def fold_(mod: nn.Module, f: torch.Tensor) -> None:
         t = getattr(mod, name, None)
         if t is not None:
             t.mul_(f.to(t) if f.dim() == 0 else f.to(t).view(-1, *[1] * (t.dim() - 1)))
+
+
+def mac_model(model: nn.Module, groups: list[ChannelGroup], example_inputs: torch.Tensor,
+              device: torch.device) -> MacModel:
+    """`select.MacModel` of `model` with its tensors on `device` (for a per-step MACs term)."""
+    mac = MacModel(model, groups, example_inputs)
+    mac.a, mac.d, mac.inc = mac.a.to(device), mac.d.to(device), mac.inc.to(device)
+    return mac
 
 
 class Structures:
@@ -88,12 +96,13 @@ class Structures:
             self.names: list = [b.end for b in branches]
             self.n = len(branches)
             return
-        n, names = 0, []
+        n, names, owner = 0, [], []
         for g in groups:
             bns = g.bns()
             if not bns:
                 continue
             self.slices[g.index] = slice(n, n + g.size)
+            owner.append(torch.full((g.size,), g.index, dtype=torch.long))
             for m in bns:
                 t = m.tensor(model)
                 idx = self._bn_index.setdefault(m.module, torch.full(
@@ -104,6 +113,16 @@ class Structures:
         for idx in self._bn_index.values():           # frozen / unscaled channels: factor 1
             idx[idx < 0] = n
         self.names, self.n = names, n
+        self.owner = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long)  # (n,)
+
+    def soft_macs(self, mac: MacModel, f: torch.Tensor) -> torch.Tensor:
+        """MACs per sample when channel c of every scaled group counts f_c times (channels):
+        the bilinear cost sum_layers a * d_out(f) * d_in(f) of `select.MacModel`, with
+        d = dense width - sum over the layer's channels of (1 - f_c). Exact for 0/1 factors;
+        differentiable in f. `mac` must be built on the model and all its groups."""
+        removed = torch.zeros(mac.inc.shape[0], dtype=torch.float64, device=f.device)
+        removed = removed.index_add(0, self.owner.to(f.device), (1 - f).to(torch.float64))
+        return mac.macs(removed)
 
     # -- hooks ---------------------------------------------------------------------------------
     def install(self, model: nn.Module, theta: torch.Tensor,

@@ -1,0 +1,108 @@
+"""DMC: discrete model compression with a resource constraint.
+
+Gao, Huang, Pei, Huang, "Discrete Model Compression With Resource Constraint for Deep Neural
+Networks", CVPR 2020, pp. 1899-1908. There is no official code: every choice below that the
+abstract does not fix is ours, and said so.
+
+Gates      one discrete gate per channel of every prunable group, g_c = 1[theta_c > 0] in the
+           forward pass (the channel's BN outputs times g_c, `structures.Structures`), trained
+           with the straight-through estimator:
+               dL/dtheta_c := dL/dg_c * 1[|theta_c| <= 1]
+           [ours] the clipped ("hard-tanh") STE: g = step(theta) + (c(theta) - c(theta).detach()),
+           c = clamp(., -1, 1), whose forward value is exactly step(theta).
+Weights    frozen: only theta is trained in the regularization phase (`param_groups` gives the
+           optimizer theta alone: the paper optimizes the gates "while all other parameters
+           are frozen"); BN statistics still follow the batches in train mode.
+Budget     the FLOPs term of the paper's resource constraint [dossier, tagged unverified]:
+               R(T(g), p T_0) = log(max(T(g), p T_0) / (p T_0)),   loss = CE + lam R
+           zero once the budget holds; T(g) the MACs of the gated model (`Structures.soft_macs`,
+           exact for 0/1 gates), p the fraction of dense MACs to keep (ctx.extra['budget'].macs,
+           else `macs`), T_0 the dense MACs.
+Decision   prune then fine-tune: `finish(model)` removes the channels whose gate is 0 (exact:
+           their outputs are 0; the gates at 1 fold as the identity); `finish(model, budget)`
+           ranks by theta under the budget.
+Not done   the stochastic variant (sampled gates) of the paper.
+Defaults   [ours, no code] lam = 1 (R is a log-ratio, O(1) when the MACs are 2x the budget),
+           theta_init = 0.5 (every gate on, inside the STE window), residual 'internal' (only
+           the blocks' inner channels; the trunk of a ResNet stage untouched).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGroup
+from ..select import Budget
+from .base import HParam, Method, register
+from .structures import Structures, mac_model
+
+
+def ste_step(theta: torch.Tensor) -> torch.Tensor:
+    """1[theta > 0] forward, gradient 1[|theta| <= 1] backward (clipped straight-through)."""
+    c = theta.clamp(-1.0, 1.0)
+    return (theta > 0).to(theta.dtype) + (c - c.detach())
+
+
+@register("dmc")
+class DMC(Method):
+    """Discrete 0/1 channel gates trained by the straight-through estimator with the weights
+    frozen, under log(max(T(g), p T_0) / (p T_0)); gates at 0 removed."""
+    residual = "internal"
+    HPARAMS = {
+        "lam": HParam(float, lo=0.0, note="strength of the resource term"),
+        "theta_init": HParam(float, lo=0.0, lo_open=True, note="> 0: every gate starts on"),
+        "macs": HParam(float, 0.0, 1.0, lo_open=True,
+                       note="fraction of dense MACs to keep when the context has no budget"),
+    }
+
+    def __init__(self, lam: float = 1.0, theta_init: float = 0.5, macs: float = 0.5,
+                 **kw) -> None:
+        super().__init__(**kw)
+        self.set_hparams(lam=lam, theta_init=theta_init, macs=macs)
+
+    def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
+        model = super().attach(model, groups)
+        ex = self.ctx.example_inputs if self.ctx is not None else None
+        if ex is None:
+            raise ValueError(f"{self.owner()}: the resource term counts MACs: set method.ctx "
+                             "= methods.Context(example_inputs) before attach")
+        self.st = Structures(model, self.groups, "channels", ex, self.owner())
+        dev = next(model.parameters()).device
+        self.mac = mac_model(model, self.all_groups, ex, dev)
+        budget = self.ctx.extra.get("budget")
+        self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
+        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev))
+        self.st.install(model, self.theta, ste_step)
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """theta alone, without weight decay: the network's weights are frozen."""
+        return [{"params": [self.theta], "lr": lr, "weight_decay": 0.0}]
+
+    def gates(self) -> torch.Tensor:
+        """The discrete gates 1[theta > 0] (n,)."""
+        return (self.theta.detach() > 0).float()
+
+    def resource(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """R = log(max(T(g), p T_0) / (p T_0)) of the gates of `theta` (default: the current),
+        differentiable through the straight-through gates."""
+        t = self.st.soft_macs(self.mac, ste_step(self.theta if theta is None else theta))
+        goal = self.target * self.mac.dense
+        return torch.log(torch.clamp(t, min=goal) / goal)
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor:
+        return (self.lam * self.resource()).float()
+
+    def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """theta of every gated channel (gate on iff > 0)."""
+        th = self.theta.detach().cpu()
+        return {i: th[sl] for i, sl in self.st.slices.items()}
+
+    def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
+        """Remove the channels whose gate is 0 (and, with a budget, the lowest theta under it);
+        the gates at 1 fold as the identity: a plain, smaller copy of `model`."""
+        g = self.gates()
+        small = self.st.plain(model, g)
+        keep = self.select(small, budget, self.scores(model)) if budget is not None else None
+        keep = self.st.zero_keep(g, keep, self.min_channels)
+        return self.st.remove_zero_channels(small, self.all_groups, keep)

@@ -6,7 +6,8 @@ choice below that the abstract does not fix is ours, and said so.
 
 Gates      one gate per channel of every prunable channel group, g_c = g_eps(theta_c) with the
            smoothed-L0 function
-               g_eps(theta) = theta^2 / (theta^2 + eps),   dg/dtheta = 2 theta eps / (theta^2 + eps)^2
+               g_eps(theta) = theta^2 / (theta^2 + eps)
+               dg/dtheta    = 2 theta eps / (theta^2 + eps)^2
            g_eps(0) = 0 exactly, g_eps -> 1 for |theta| >> sqrt(eps); as eps -> 0 the gates
            "polarize": a gate is 0 or close to 1.
            The gate multiplies the channel's BN outputs (`structures.Structures`, 'channels').

@@ -1256,6 +1256,36 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> GroupList:
     return tracer.groups()
 
 
+def bn_outputs(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, list[fx.Node]]]:
+    """Every BatchNorm computed in `gm`, a trace of `model`: (module name, the nodes that use
+    its output, looking past nn.Identity modules). A BatchNorm is a call of a BatchNorm module,
+    or a call of F.batch_norm on the weight of one: a BatchNorm subclass with its own forward
+    (timm's BatchNormAct2d: F.batch_norm, then its `drop` and `act` modules) is traced
+    through."""
+    def users(n: fx.Node) -> list[fx.Node]:
+        out = []
+        for u in n.users:
+            skip = u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Identity)
+            out += users(u) if skip else [u]
+        return out
+    found = []
+    for node in gm.graph.nodes:
+        name = None
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                  nn.modules.batchnorm._BatchNorm):
+            name = str(node.target)
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "batch_norm":
+            w = node.kwargs.get("weight", node.args[3] if len(node.args) > 3 else None)
+            owner = w.target.rpartition(".")[0] if isinstance(w, fx.Node) and \
+                w.op == "get_attr" else None
+            if owner is not None and isinstance(model.get_submodule(owner),
+                                                nn.modules.batchnorm._BatchNorm):
+                name = owner
+        if name is not None:
+            found.append((name, users(node)))
+    return found
+
+
 def _is_leaf_with_channels(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                           nn.modules.batchnorm._NormBase))

@@ -45,7 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import ChannelGroup, Member
+from ..graph import ChannelGroup, Member, bn_outputs
 from ..measure import layer_macs
 from ..select import Budget, select_keep
 from ..surgery import remove_channels
@@ -71,18 +71,11 @@ def bn_channels(model: nn.Module, g: ChannelGroup) -> tuple[nn.Module, torch.Ten
 
 
 def relu_after_bn(model: nn.Module) -> set[str]:
-    """Names of BN modules whose output goes only to a ReLU (module or function)."""
+    """Names of BN modules whose output goes only to a ReLU (module or function); a BN subclass
+    whose forward applies the ReLU itself (timm's BatchNormAct2d) counts (`graph.bn_outputs`)."""
     gm = fx.symbolic_trace(model)
-    out = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        if not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
-            continue
-        users = list(node.users)
-        if users and all(_is_relu(gm, u) for u in users):
-            out.add(str(node.target))
-    return out
+    return {name for name, users in bn_outputs(gm, model)
+            if users and all(_is_relu(gm, u) for u in users)}
 
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:

@@ -120,8 +120,10 @@ class Structures:
         the bilinear cost sum_layers a * d_out(f) * d_in(f) of `select.MacModel`, with
         d = dense width - sum over the layer's channels of (1 - f_c). Exact for 0/1 factors;
         differentiable in f. `mac` must be built on the model and all its groups."""
+        if self.owner.device != f.device:              # once: the index lives on f's device
+            self.owner = self.owner.to(f.device)
         removed = torch.zeros(mac.inc.shape[0], dtype=torch.float64, device=f.device)
-        removed = removed.index_add(0, self.owner.to(f.device), (1 - f).to(torch.float64))
+        removed = removed.index_add(0, self.owner, (1 - f).to(torch.float64))       # (groups,)
         return mac.macs(removed)
 
     # -- hooks ---------------------------------------------------------------------------------

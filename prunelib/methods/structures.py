@@ -72,7 +72,6 @@ class Structures:
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], structure: str,
                  example_inputs: torch.Tensor | None, owner: str) -> None:
-        self.owner = owner
         self.example_inputs = example_inputs
         branches: list[Branch] = []
         if structure in ("auto", "blocks"):
@@ -96,13 +95,13 @@ class Structures:
             self.names: list = [b.end for b in branches]
             self.n = len(branches)
             return
-        n, names, owner = 0, [], []
+        n, names, group_of = 0, [], []
         for g in groups:
             bns = g.bns()
             if not bns:
                 continue
             self.slices[g.index] = slice(n, n + g.size)
-            owner.append(torch.full((g.size,), g.index, dtype=torch.long))
+            group_of.append(torch.full((g.size,), g.index, dtype=torch.long))
             for m in bns:
                 t = m.tensor(model)
                 idx = self._bn_index.setdefault(m.module, torch.full(
@@ -113,17 +112,18 @@ class Structures:
         for idx in self._bn_index.values():           # frozen / unscaled channels: factor 1
             idx[idx < 0] = n
         self.names, self.n = names, n
-        self.owner = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long)  # (n,)
+        self.group_of = (torch.cat(group_of) if group_of                      # (n,) group index
+                         else torch.zeros(0, dtype=torch.long))
 
     def soft_macs(self, mac: MacModel, f: torch.Tensor) -> torch.Tensor:
         """MACs per sample when channel c of every scaled group counts f_c times (channels):
         the bilinear cost sum_layers a * d_out(f) * d_in(f) of `select.MacModel`, with
         d = dense width - sum over the layer's channels of (1 - f_c). Exact for 0/1 factors;
         differentiable in f. `mac` must be built on the model and all its groups."""
-        if self.owner.device != f.device:              # once: the index lives on f's device
-            self.owner = self.owner.to(f.device)
+        if self.group_of.device != f.device:           # once: the index lives on f's device
+            self.group_of = self.group_of.to(f.device)
         removed = torch.zeros(mac.inc.shape[0], dtype=torch.float64, device=f.device)
-        removed = removed.index_add(0, self.owner, (1 - f).to(torch.float64))       # (groups,)
+        removed = removed.index_add(0, self.group_of, (1 - f).to(torch.float64))    # (groups,)
         return mac.macs(removed)
 
     # -- hooks ---------------------------------------------------------------------------------

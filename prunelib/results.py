@@ -34,10 +34,17 @@ def as_rows(results: Mapping[str, dict] | Sequence[dict]) -> list[tuple[str, dic
     return [(r.get("label", r["method"]), r) for r in results]
 
 
+_NO_PARAMS = {"no rule: the method plans its own phase": "own plan",
+              "the paper's values (full scale)": "paper's", "set by the caller": "caller's"}
+
+
 def _strength(r: dict) -> str:
+    """The strength cell: the values the rule (or the caller) set, else where they came from."""
     s = r.get("strength") or {}
     params = s.get("params") or {}
-    return ", ".join(f"{k} {v:.3g}" for k, v in params.items()) if params else ""
+    if params:
+        return ", ".join(f"{k} {v:.3g}" for k, v in params.items())
+    return _NO_PARAMS.get(s.get("why", ""), s.get("why", ""))
 
 
 def table(results: Mapping[str, dict] | Sequence[dict], latency: bool = True,

@@ -223,6 +223,15 @@ def test_table_has_a_row_per_method_with_every_phase_and_the_standard_error():
     assert f"{standard_error(90, 2000):.2f}" in text
 
 
+def test_table_names_where_a_strength_came_from_when_no_rule_set_it():
+    own = {**_fake("gbn", (90, 85, 85, 85, 86)),
+           "strength": {"rule": "method", "why": "no rule: the method plans its own phase"}}
+    full = {**_fake("ns", (90, 85, 20, 80, 86)),
+            "strength": {"rule": "method", "why": "the paper's values (full scale)"}}
+    lines = table({"GBN": own, "NS": full}, latency=False).splitlines()
+    assert lines[2].endswith("| own plan |") and lines[3].endswith("| paper's |")
+
+
 def test_standard_error_is_binomial():
     assert standard_error(50, 10_000) == pytest.approx(0.5)
     assert standard_error(90, 2_000) == pytest.approx(100 * math.sqrt(0.09 / 2000))

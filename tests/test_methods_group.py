@@ -475,3 +475,27 @@ def test_each_method_runs_through_the_pipeline_and_meets_the_macs_budget(name, d
     assert res["pruned"]["macs_ratio"] <= 0.6
     assert res["method"] == name
     assert pruned(torch.randn(2, 3, 32, 32, device=device)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------- scores(model)
+@pytest.mark.parametrize("name, kw", [("ssl", {}), ("oicsr", {}), ("oto", {}),
+                                      ("greg", {"pr": 0.5})])
+def test_scores_are_of_the_model_passed_not_of_the_attached_one(name, kw, device):
+    model, x = tiny(device)
+    meth, _ = attach(get(name, **kw), model, x)
+    own = {i: s.clone() for i, s in meth.scores(model).items()}
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():                               # every weight changed, differently
+        for p in other.parameters():
+            p.mul_(0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype).to(device))
+    ref, _ = attach(get(name, **kw), other, x)          # oracle: a method attached to the copy
+    got, want = meth.scores(other), ref.scores(other)
+    assert got.keys() == want.keys() == own.keys()
+    for i in got:
+        torch.testing.assert_close(got[i], want[i])
+        assert not torch.allclose(got[i], own[i])
+    for i, s in meth.scores(model).items():             # the attached model is untouched
+        torch.testing.assert_close(s, own[i])
+    if hasattr(meth, "penalty"):
+        torch.testing.assert_close(meth.penalty(other), ref.penalty(other))

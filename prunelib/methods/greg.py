@@ -66,7 +66,7 @@ from ..measure import count
 from ..select import Budget
 from ..surgery import remove_channels
 from .base import Context, HParam, Method, register
-from .ssl import _grad, slices_of
+from .ssl import FlatChannels, on_model, slices_of
 
 
 def n_pruned(size: int, ratio: float) -> int:
@@ -124,6 +124,8 @@ class GReg(Method):
             if not ss:
                 raise ValueError(f"GREG: group {g.index} has no producing weight to regularize")
             self._filters[g.index] = ss
+        self._flat = FlatChannels(model, [(g.size, [s.member for s in self._filters[g.index]])
+                                          for g in self.groups])
         self.ratios = self._ratios(model)
         dev = next(iter(self._filters.values()))[0].param.device if self._filters else "cpu"
         self.lam = {g.index: torch.zeros(g.size, device=dev) for g in self.groups}
@@ -177,8 +179,10 @@ class GReg(Method):
         return {g.index: r for g in self.groups}
 
     def magnitude(self, model: nn.Module | None = None) -> dict[int, torch.Tensor]:
-        """Mean |w| of every filter (the official L1 score), summed over a group's producers."""
-        return {i: sum(s.rows().abs().mean(1) for s in ss) for i, ss in self._filters.items()}
+        """Mean |w| of every filter (the official L1 score), summed over a group's producers, of
+        `model`'s weights (None: the attached model's)."""
+        return {i: sum(s.rows(t).abs().mean(1) for s, t in zip(ss, on_model(ss, model)))
+                for i, ss in self._filters.items()}
 
     def pick(self, model: nn.Module | None = None) -> dict[int, torch.Tensor]:
         """The pruned set: per group, the ratio of its filters with the smallest magnitude."""
@@ -227,13 +231,16 @@ class GReg(Method):
         self.pick_reached = False
 
     def after_backward(self, model: nn.Module) -> None:
+        """Every k_u steps `_update` lam; then grad(W_j) += lam_j W_j for every filter row
+        W_j, all filters at once (`FlatChannels`)."""
         with torch.no_grad():
             if self.step % self.k_u == 0:
                 self._update()
-            for i, ss in self._filters.items():
-                lam = self.lam[i]
-                for s in ss:
-                    s.add_(_grad(s.param), s.rows() * lam.unsqueeze(1))
+            f = self._flat
+            if f.numels:                                   # all filters at once
+                x = f.flat()
+                lam = torch.cat([self.lam[g.index] for g in self.groups]).to(x)
+                torch._foreach_add_(f.grads(), f.split(x * f.spread(lam)))
 
     def after_step(self, model: nn.Module) -> None:
         self.step += 1

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..graph import ChannelGroup
 from .base import HParam, Method, register
-from .ssl import _grad, channel_sqnorm, lasso_step, slices_of
+from .ssl import FlatChannels, channel_sqnorm, lasso_coef, on_model, slices_of
 
 
 @register("oicsr")
@@ -53,27 +53,32 @@ class OICSR(Method):
         model = super().attach(model, groups)
         self._slices = {g.index: slices_of(model, g, ("out", "in"), ("weight", "bias"))
                         for g in self.groups}
+        self._flat = FlatChannels(model, [(g.size, [s.member for s in self._slices[g.index]])
+                                          for g in self.groups])
         return model
 
     def penalty(self, model: nn.Module | None = None) -> torch.Tensor:
-        """lam * sum over out-in-channels of the joint L2 norm (differentiable)."""
+        """lam * sum over out-in-channels of the joint L2 norm (differentiable; of `model`'s
+        weights, or of the attached model's when None)."""
         total = None
         for ss in self._slices.values():
-            sq = sum(s.rows(s.param).pow(2).sum(1) for s in ss)
+            sq = sum(s.rows(s.param if model is None else s.member.tensor(model)).pow(2).sum(1)
+                     for s in ss)
             term = self.lam * sq.sqrt().sum()
             total = term if total is None else total + term
         return total if total is not None else torch.zeros(())
 
     def after_backward(self, model: nn.Module) -> None:
-        if not self.lam:
+        """grad(w_e) += lam w_e / ||w_k|| for every out-in-channel k whose group holds w_e (a
+        weight is in two: its filter's and its input channel's), all groups at once."""
+        f = self._flat
+        if not self.lam or not f.numels:
             return
         with torch.no_grad():
-            for ss in self._slices.values():
-                rows = [s.rows() for s in ss]
-                norm = torch.sqrt(sum(r.pow(2).sum(1) for r in rows))
-                for s, r in zip(ss, rows):
-                    s.add_(_grad(s.param), lasso_step(r, norm, self.lam))
+            x = f.flat()
+            torch._foreach_add_(f.grads(), f.split(x * f.spread(lasso_coef(f.dot(x), self.lam))))
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
-        """Energy of each out-in-channel: squared norm of its filter rows and input slices."""
-        return {i: channel_sqnorm(ss) for i, ss in self._slices.items()}
+        """Energy of each out-in-channel of `model`: squared norm of its filter rows and input
+        slices."""
+        return {i: channel_sqnorm(ss, on_model(ss, model)) for i, ss in self._slices.items()}

@@ -61,7 +61,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import Context, HParam, Method, register
-from .ssl import _grad, lasso_step, slices_of
+from .ssl import FlatChannels, channel_sqnorm, lasso_coef, on_model, slices_of
 
 
 @register("oto")
@@ -89,10 +89,12 @@ class OTO(Method):
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)
         self._zigs = {g.index: slices_of(model, g, ("out", "affine")) for g in self.groups}
-        self._params = list({id(s.param): s.param for ss in self._zigs.values()
-                             for s in ss}.values())
-        self._saved: dict[int, list[torch.Tensor]] = {}
-        self._zero: dict[int, torch.Tensor] = {}
+        self._flat = FlatChannels(model, [(g.size, [s.member for s in self._zigs[g.index]])
+                                          for g in self.groups])
+        self._params = list(self._flat.tensors())
+        self._zero = torch.zeros(self._flat.n, dtype=torch.bool)   # zero groups at x
+        self._x: torch.Tensor | None = None                        # x, for the half-space test
+        self._sq: torch.Tensor | None = None                       # ||x_g||^2
         self.step, self.log = 0, []
         return model
 
@@ -123,43 +125,48 @@ class OTO(Method):
         return self.step >= math.ceil(self.n_p * self.total_steps)
 
     def after_backward(self, model: nn.Module) -> None:
+        """grad(x_g) += lam x_g / ||x_g|| for every non-zero ZIG, grad(x_g) = 0 for zero ones,
+        all groups at once (`FlatChannels`); x and ||x_g||^2 are kept for the half-space
+        test."""
+        f = self._flat
+        if not f.numels:
+            return
         half = self.half_space
         with torch.no_grad():
-            for i, ss in self._zigs.items():
-                rows = [s.rows() for s in ss]
-                norm = torch.sqrt(sum(r.pow(2).sum(1) for r in rows))
-                zero = norm == 0
-                self._zero[i] = zero
-                for s, r in zip(ss, rows):
-                    g = _grad(s.param)
-                    s.add_(g, lasso_step(r, norm, self.lam))
-                    s.zero_(g, zero)                        # fixed (zero) groups get no step
-                if half:
-                    self._saved[i] = rows                   # x, for the half-space test
+            x = f.flat()
+            sq = f.dot(x)
+            self._zero = sq == 0
+            grads = f.grads()
+            g = f.flat(grads).masked_fill_(f.spread(self._zero), 0.0)
+            coef = f.spread(lasso_coef(sq, self.lam))              # lam / ||x_g||, 0 if zero
+            torch._foreach_copy_(grads, f.split(g.addcmul_(x, coef)))
+            self._x, self._sq = (x, sq) if half else (None, None)
 
     def after_step(self, model: nn.Module) -> None:
+        """Zero the ZIGs that were zero, and (half-space stage) those whose trial point x^
+        fails <x^_g, x_g> >= eps ||x_g||^2, all groups at once."""
+        f = self._flat
         half = self.half_space
         with torch.no_grad():
-            for i, ss in self._zigs.items():
-                zero = self._zero[i]
-                if half:
-                    x = self._saved[i]
-                    new = [s.rows() for s in ss]            # the trial point x^ = x - a grad
-                    dot = sum((a * b).sum(1) for a, b in zip(new, x))
-                    sq = sum(b.pow(2).sum(1) for b in x)
-                    zero = zero | (dot < self.eps * sq)
-                for s in ss:
-                    s.zero_(s.param.data, zero)
-            self._saved.clear()
+            if f.numels:
+                xh = f.flat()                               # the trial point x^ = x - a grad
+                zero = self._zero.to(xh.device)
+                if half and self._x is not None:
+                    zero = zero | (f.dot(xh, self._x) < self.eps * self._sq)
+                torch._foreach_copy_(f.tensors(), f.split(xh.masked_fill_(f.spread(zero), 0.0)))
+            self._x = self._sq = None
             self.step += 1
             if self.log_every and self.step % self.log_every == 0:
                 self.log.append((self.step, self._count_zero()))
 
     def _count_zero(self) -> torch.Tensor:
-        return sum(z.sum() for z in self._zero_masks().values())
+        f = self._flat
+        return (f.dot(f.flat()) == 0).sum() if f.numels else torch.zeros((), dtype=torch.long)
 
-    def _zero_masks(self) -> dict[int, torch.Tensor]:
-        return {i: sum(s.rows().pow(2).sum(1) for s in ss) == 0 for i, ss in self._zigs.items()}
+    def _zero_masks(self, model: nn.Module | None = None) -> dict[int, torch.Tensor]:
+        """Per group: which ZIGs of `model` (None: the attached one) are exactly zero."""
+        return {i: sum(s.rows(t).pow(2).sum(1) for s, t in zip(ss, on_model(ss, model))) == 0
+                for i, ss in self._zigs.items()}
 
     def sparsity_history(self) -> list[tuple[int, float]]:
         """(step, fraction of zero groups) every `log_every` steps of the last phase."""
@@ -169,7 +176,7 @@ class OTO(Method):
     # -- decision ----------------------------------------------------------------------------
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """L2 norm of each zero-invariant group (exactly 0 for a removable channel)."""
-        return {i: torch.sqrt(sum(s.rows().float().pow(2).sum(1) for s in ss))
+        return {i: channel_sqnorm(ss, on_model(ss, model)).sqrt()
                 for i, ss in self._zigs.items()}
 
     def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:

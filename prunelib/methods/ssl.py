@@ -42,10 +42,12 @@ Defaults    lam_f = lam_c = 3e-3 (README, CIFAR-10 ConvNet: breadth_decay = kern
             use the filter value); lam_s = 0 and lam_d = 0 (off; the README's ResNet depth run
             uses block_group_decay 7e-3 at lr 0.1); zerout = 1e-4 (README).
 
-`Slices`, `slices_of` and `channel_sqnorm` are shared by the filter-group family (OICSR, OTO).
+`Slices`, `slices_of`, `channel_sqnorm` and `FlatChannels` (every group at once in one flat
+vector: the per-step hooks) are shared by the filter-group family (OICSR, OTO, GREG).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -57,11 +59,9 @@ from .base import HParam, Method, register
 
 
 class Slices:
-    """The per-channel slices of one group member, cached for fast per-step updates.
+    """The per-channel slices of one group member (penalties, scores).
 
-    rows(t) -> (size, -1): row k holds every element of channel k (as `ChannelGroup.rows`);
-    add_(t, rows) scatters such rows back into a tensor shaped like the parameter (index_add);
-    zero_(t, mask) zeroes the elements of the channels where `mask` (bool, (size,)) is True.
+    rows(t) -> (size, -1): row k holds every element of channel k (as `ChannelGroup.rows`).
     """
     __slots__ = ("param", "dim", "idx", "size", "member")
 
@@ -80,17 +80,108 @@ class Slices:
         sel = t.index_select(self.dim, self._flat(t))
         return sel.movedim(self.dim, 0).reshape(self.size, -1)
 
-    def add_(self, t: torch.Tensor, rows: torch.Tensor) -> None:
-        flat = self._flat(t)
-        rest = [s for d, s in enumerate(t.shape) if d != self.dim]
-        t.index_add_(self.dim, flat, rows.reshape(flat.numel(), *rest).movedim(0, self.dim)
-                     .to(t.dtype))
 
-    def zero_(self, t: torch.Tensor, mask: torch.Tensor) -> None:
-        self._flat(t)
-        pos = self.idx[mask.to(self.idx.device)].reshape(-1)
-        if pos.numel():
-            t.index_fill_(self.dim, pos, 0.0)
+class FlatChannels:
+    """The channel slices of many groups as constant index tensors over one flat vector.
+
+    Built once at `attach`. The distinct tensors P_1..P_T holding the slices are read as one
+    vector x = cat(P_1.reshape(-1), ..., P_T.reshape(-1)) (N elements); the channels of all
+    entries (size, members) are numbered c = 0..n-1 (`offsets[j]` is entry j's first) and
+    `chan` (L, N) gives for each element e up to L channels it belongs to (L = 2 when an element
+    lies in two slices, e.g. a weight that is one channel's filter row and another's input
+    slice), the dummy channel n where it has fewer. Then, with no loop over groups or tensors:
+
+        dot(x, y)[c] = sum_{e in channel c} x_e y_e        (one index_add per layer; y = x:
+                                                            the squared norms ||x_c||^2)
+        spread(w)_e  = sum_l w[chan[l, e]],  w[n] = 0       (one gather per layer)
+
+    so that, e.g., the group-lasso subgradient lam x_e / ||x_c|| of every element at once is
+    x * spread(lam / norm). `tensors(model)` resolves the same tensors on any model by name.
+    """
+
+    def __init__(self, model: nn.Module, entries: list[tuple[int, list[Member]]]) -> None:
+        self.sizes = [size for size, _ in entries]
+        self.offsets = [sum(self.sizes[:j]) for j in range(len(entries))]
+        self.n = n = sum(self.sizes)
+        names: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+        for (size, members), off in zip(entries, self.offsets):
+            for m in members:
+                t = m.tensor(model)
+                layers = names.setdefault((m.module, m.param), [])
+                pos = m.idx.reshape(-1).cpu()
+                ids = torch.arange(off, off + size).repeat_interleave(m.idx.shape[1])
+                free = [a for d, a in layers if d == m.dim and (a[pos] == n).all()]
+                if not free:
+                    free = [torch.full((t.shape[m.dim],), n)]
+                    layers.append((m.dim, free[0]))
+                free[0][pos] = ids
+        self.names = list(names)
+        self._tensors = [getattr(model.get_submodule(a), b) for a, b in self.names]
+        self.shapes = [t.shape for t in self._tensors]
+        self.numels = [t.numel() for t in self._tensors]
+        depth = max((len(v) for v in names.values()), default=0)
+        chan = []
+        for layer in range(depth):
+            parts = []
+            for layers, shape in zip(names.values(), self.shapes):
+                if layer < len(layers):
+                    d, a = layers[layer]
+                    view = [1] * len(shape)
+                    view[d] = -1
+                    parts.append(a.view(view).expand(shape).reshape(-1))
+                else:
+                    parts.append(torch.full((math.prod(shape),), n))
+            chan.append(torch.cat(parts))
+        dev = self._tensors[0].device if self._tensors else None
+        self.chan = (torch.stack(chan) if chan else torch.zeros(0, 0, dtype=torch.long)
+                     ).to(device=dev, dtype=torch.int32)
+
+    def tensors(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """The tensors of the attached model (None), or the same-named ones of `model`."""
+        if model is None:
+            return self._tensors
+        return [getattr(model.get_submodule(a), b) for a, b in self.names]
+
+    def flat(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x = cat of the tensors (default: the attached parameters), detached."""
+        x = torch.cat([t.detach().reshape(-1) for t in (tensors or self._tensors)])
+        if self.chan.device != x.device:
+            self.chan = self.chan.to(x.device)
+        return x
+
+    def dot(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(n,) sum of x_e * y_e over the elements e of every channel (y = x: ||x_c||^2)."""
+        v = x * (x if y is None else y)
+        out = torch.zeros(self.n + 1, dtype=v.dtype, device=v.device)
+        for c in self.chan:
+            out.index_add_(0, c, v)
+        return out[:self.n]
+
+    def spread(self, w: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(N,) sum over the layers of w[channel of e], `fill` for the dummy channel."""
+        w = torch.cat([w, torch.full((1,), fill, dtype=w.dtype, device=w.device)])
+        out = w.index_select(0, self.chan[0])
+        for c in self.chan[1:]:
+            out += w.index_select(0, c)
+        return out
+
+    def split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """`v` (N,) as views shaped like the tensors."""
+        return [a.view(s) for a, s in zip(v.split(self.numels), self.shapes)]
+
+    def per_entry(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """`v` (n,) cut into the channels of each entry."""
+        return list(v.split(self.sizes))
+
+    def grads(self) -> list[torch.Tensor]:
+        """The .grad of every attached tensor (zeros where there is none yet)."""
+        return [_grad(t) for t in self._tensors]
+
+
+def lasso_coef(sq: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """lam / ||x_c|| per channel from the squared norms, 0 where the norm is 0."""
+    tiny = torch.finfo(sq.dtype).tiny
+    return torch.where(sq > 0, lam / sq.clamp_min(tiny).sqrt(), torch.zeros_like(sq))
 
 
 def slices_of(model: nn.Module, g: ChannelGroup, roles: Iterable[str],
@@ -99,6 +190,12 @@ def slices_of(model: nn.Module, g: ChannelGroup, roles: Iterable[str],
     roles, params = tuple(roles), None if params is None else tuple(params)
     return [Slices(model, m, g.size) for m in g.members
             if m.role in roles and (params is None or m.param in params)]
+
+
+def on_model(slices: list[Slices], model: nn.Module | None) -> list[torch.Tensor]:
+    """The tensors of `slices` in `model` (found by module name; None: the attached model's),
+    detached."""
+    return [(s.param if model is None else s.member.tensor(model)).detach() for s in slices]
 
 
 def channel_sqnorm(slices: list[Slices], tensors: list[torch.Tensor] | None = None
@@ -116,13 +213,6 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     if p.grad is None:
         p.grad = torch.zeros_like(p)
     return p.grad
-
-
-def lasso_step(rows: torch.Tensor, norm: torch.Tensor, lam: float) -> torch.Tensor:
-    """lam * w / ||w|| row by row, 0 where the norm is 0 (Caffe's div_checkzero)."""
-    inv = torch.where(norm > 0, lam / norm.clamp_min(torch.finfo(norm.dtype).tiny),
-                      torch.zeros_like(norm))
-    return rows * inv.to(rows.dtype).unsqueeze(1)
 
 
 class _ShapeMask:
@@ -171,6 +261,11 @@ class SSL(Method):
                                    f"below the largest |w| of every regularized layer (README: "
                                    f"1e-4)")
         self._convs = [w for w in self._weights if w.dim() > 2]
+        # one entry per slice: SSL's groups are each layer's own filter row / input slice
+        filters = [(g.size, [s.member]) for g in self.groups for s in self._filters[g.index]]
+        channels = [(g.size, [s.member]) for g in self.groups for s in self._channels[g.index]]
+        self._flat = FlatChannels(model, filters + channels)
+        self._is_filter = torch.arange(self._flat.n) < sum(size for size, _ in filters)
         self._depth = []
         for g in self.groups:
             names = {s.member.module for s in self._filters[g.index] + self._channels[g.index]}
@@ -186,7 +281,8 @@ class SSL(Method):
             if lam:
                 for ss in table.values():
                     for s in ss:
-                        total = total + lam * s.rows(s.param).norm(dim=1).sum()
+                        t = s.param if model is None else s.member.tensor(model)
+                        total = total + lam * s.rows(t).norm(dim=1).sum()
         if self.lam_shape:
             for w in self._convs:
                 total = total + self.lam_shape * w.pow(2).sum(0).sqrt().sum()
@@ -196,15 +292,17 @@ class SSL(Method):
         return total
 
     def after_backward(self, model: nn.Module) -> None:
+        """grad(w_e) += lam_t w_e / ||w_g|| for the filter (t = f) and channel (t = c) groups
+        g that contain w_e, all groups at once (`FlatChannels`); then shape and depth groups."""
         with torch.no_grad():
-            for lam, table in ((self.lam_filter, self._filters),
-                               (self.lam_channel, self._channels)):
-                if not lam:
-                    continue
-                for ss in table.values():
-                    for s in ss:
-                        rows = s.rows()
-                        s.add_(_grad(s.param), lasso_step(rows, rows.norm(dim=1), lam))
+            f = self._flat
+            if (self.lam_filter or self.lam_channel) and f.numels:
+                x = f.flat()
+                if self._is_filter.device != x.device:
+                    self._is_filter = self._is_filter.to(x.device)
+                lam = torch.full((f.n,), self.lam_channel, dtype=x.dtype, device=x.device)
+                lam.masked_fill_(self._is_filter, self.lam_filter)
+                torch._foreach_add_(f.grads(), f.split(x * f.spread(lasso_coef(f.dot(x), lam))))
             if self.lam_shape:
                 for w in self._convs:
                     norm = w.detach().pow(2).sum(0, keepdim=True).sqrt()
@@ -220,10 +318,13 @@ class SSL(Method):
                         _grad(w).add_(w.detach() * scale)
 
     def after_step(self, model: nn.Module) -> None:
-        if self.zerout > 0:
+        """w <- 0 where |w| < zerout, on every regularized layer's weight (one flat pass)."""
+        f = self._flat
+        if self.zerout > 0 and f.numels:
             with torch.no_grad():
-                for w in self._weights:
-                    w.masked_fill_(w.abs() < self.zerout, 0.0)
+                x = f.flat()
+                torch._foreach_copy_(f.tensors(), f.split(x.masked_fill_(x.abs() < self.zerout,
+                                                                          0.0)))
 
     # -- decision ----------------------------------------------------------------------------
     def group_norms(self, model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -231,10 +332,10 @@ class SSL(Method):
         out = {}
         for g in self.groups:
             f, c = self._filters[g.index], self._channels[g.index]
-            dev = (f + c)[0].param.device
+            dev = (f + c)[0].member.tensor(model).device
             inf = torch.full((g.size,), float("inf"), device=dev)
-            out[g.index] = (channel_sqnorm(f).sqrt() if f else inf,
-                            channel_sqnorm(c).sqrt() if c else inf)
+            out[g.index] = (channel_sqnorm(f, on_model(f, model)).sqrt() if f else inf,
+                            channel_sqnorm(c, on_model(c, model)).sqrt() if c else inf)
         return out
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:

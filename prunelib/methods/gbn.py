@@ -140,7 +140,7 @@ class GateDecorator(Method):
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         if self._collect or self.lam == 0:
             return None
-        return self.lam * sum(g.abs().sum() for g in self._gates)
+        return self.lam * torch.cat([g.reshape(-1) for g in self._gates]).abs().sum()
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:

@@ -318,8 +318,14 @@ class RSNLI(Method):
                                "param_groups (train with prunelib.train.fit(hooks=method))")
         t = self._pgroup["lr"] * self.current_rho()
         self._step += 1
-        for p, w in zip(self._gammas, self._lam):
-            p.copy_(p.sign() * (p.abs() - t * w).clamp_min(0))
+        if self._lam[0].device != self._gammas[0].device:
+            self._lam = [w.to(p.device) for w, p in zip(self._lam, self._gammas)]
+        # gamma <- sign(gamma) * max(|gamma| - t * lambda, 0), every BN in one foreach call each
+        shrunk = torch._foreach_abs(self._gammas)
+        torch._foreach_sub_(shrunk, self._lam, alpha=t)
+        torch._foreach_clamp_min_(shrunk, 0.0)
+        torch._foreach_mul_(shrunk, torch._foreach_sign(self._gammas))
+        torch._foreach_copy_(self._gammas, shrunk)
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         out = {}

@@ -9,7 +9,12 @@ Model       a BN output channel y_c = gamma_c * x_hat + beta_c with x_hat ~ N(0,
             probability  P_off,c = Phi((eps - beta_c) / |gamma_c|) = Phi(-z_c),
             z_c = (beta_c - eps) / |gamma_c|  (the "on" margin, in standard deviations).
 Mask        a differentiable mask m_c multiplies the BN output (m >= 0 commutes with the ReLU);
-            gradients reach gamma and beta through the BN output and through P_off.
+            gradients reach gamma and beta through the BN output and through P_off. A mask
+            per channel is applied to the BN's affine parameters for the call, m * BN(x) =
+            BN(x; m gamma, m beta) (the same function and gradients, no extra pass over the
+            activation); per-sample Concrete masks in training multiply the output. The soft
+            masks of all masked BNs are computed at once when the model's forward starts (a
+            forward pre-hook on the model); a BN called on its own computes its own.
             mask='soft' (default): the deterministic relaxation m = 1 - P_off ("soft decisions"
             in training and inference). mask='concrete': in training a relaxed-Bernoulli (binary
             Concrete) sample with keep probability 1 - P_off,
@@ -37,6 +42,7 @@ Residual    'internal' (a residual sum is not a BN + ReLU pair).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -72,7 +78,6 @@ class SoftChannelPruning(Method):
         super().__init__(**kw)
         self.set_hparams(lam=lam, eps=eps, temperature=temperature, tau=tau, mask=mask,
                          decision=decision)
-        self._handles: dict[str, Any] = {}
 
     # -- probabilities -------------------------------------------------------------------------
     def margin(self, bn: nn.Module) -> torch.Tensor:
@@ -109,8 +114,13 @@ class SoftChannelPruning(Method):
         for name, mask in self._pos.items():
             bn = model.get_submodule(name)
             bn.register_buffer("scp_prunable", mask.to(bn.weight.device), persistent=False)
-            self._handles[name] = bn.register_forward_hook(self._hook)
+            bn.forward = functools.partial(self._forward, bn)    # instance attribute
         self._bns = [model.get_submodule(n) for n in self._pos]
+        self._fixed = ~torch.cat([bn.scp_prunable for bn in self._bns])
+        self._sizes = [bn.weight.numel() for bn in self._bns]
+        self._batched: dict[int, torch.Tensor] | None = None
+        self._root = (model.register_forward_pre_hook(self._masks_on).id,
+                      model.register_forward_hook(self._masks_off, always_call=True).id)
         return model
 
     def channel_mask(self, bn: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -135,11 +145,45 @@ class SoftChannelPruning(Method):
             m = ndtr(z).view(shape)
         return torch.where(bn.scp_prunable.view(shape), m, torch.ones_like(m))
 
-    def _hook(self, bn: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out * self.channel_mask(bn, out)
+    def _forward(self, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The masked BN: its own forward with (gamma, beta) * m for the call when the mask is
+        one per channel, else its output times the per-sample masks."""
+        if bn.training and self.mask == "concrete":
+            return type(bn).forward(bn, x) * self.channel_mask(bn, x)
+        m = None if self._batched is None else self._batched.get(id(bn))
+        if m is None:
+            m = self.channel_mask(bn, x).reshape(-1)
+        params = bn._parameters
+        gamma, beta = params["weight"], params["bias"]
+        params["weight"], params["bias"] = gamma * m, beta * m
+        try:
+            return type(bn).forward(bn, x)
+        finally:
+            params["weight"], params["bias"] = gamma, beta
+
+    def _keep_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """1 - P_off = Phi(z) of every channel of the masked BNs, as one flat vector
+        (differentiable), and the mask of the channels no prunable group owns."""
+        gamma = torch.cat([bn.weight for bn in self._bns])
+        beta = torch.cat([bn.bias for bn in self._bns])
+        if self._fixed.device != gamma.device:
+            self._fixed = self._fixed.to(gamma.device)
+        return ndtr((beta - self.eps) / gamma.abs().clamp_min(1e-12)), self._fixed
+
+    def _masks_on(self, model: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the model: the soft masks of all masked BNs for this forward."""
+        if not (model.training and self.mask == "concrete"):
+            keep, fixed = self._keep_all()
+            m = keep.masked_fill(fixed, 1.0).split(self._sizes)
+            self._batched = {id(bn): mb for bn, mb in zip(self._bns, m)}
+
+    def _masks_off(self, model: nn.Module, args: tuple, out: Any) -> None:
+        self._batched = None
 
     def loss_term(self, model: nn.Module) -> torch.Tensor:
-        return self.lam * sum(ndtr(self.margin(bn))[bn.scp_prunable].sum() for bn in self._bns)
+        """lam * sum_c (1 - P_off,c) over the prunable channels of all masked BNs at once."""
+        keep, fixed = self._keep_all()
+        return self.lam * keep.masked_fill(fixed, 0.0).sum()
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         out = {}
@@ -150,10 +194,13 @@ class SoftChannelPruning(Method):
 
     def detach(self, model: nn.Module) -> nn.Module:
         """Remove the masks' hooks and buffers from `model` (in place)."""
+        for hooks in (model._forward_pre_hooks, model._forward_hooks,
+                      model._forward_hooks_always_called):
+            for hook_id in self._root:
+                hooks.pop(hook_id, None)
         for name in self._pos:
             bn = model.get_submodule(name)
-            hook_id = self._handles[name].id
-            bn._forward_hooks.pop(hook_id, None)
+            bn.__dict__.pop("forward", None)
             bn._buffers.pop("scp_prunable", None)
         return model
 

@@ -190,6 +190,7 @@ class Member:
     idx: torch.Tensor    # LongTensor (size, m); m > 1 after flatten (H*W) or grouped convs
     role: str            # 'out' | 'in' | 'affine' | 'stat' | 'pad' (positions of a ChannelPad)
     kind: str            # class name of the module, e.g. 'Conv2d', 'BatchNorm2d'
+    bn: bool = False     # the module is a BatchNorm (a subclass too: timm's BatchNormAct2d)
 
     def tensor(self, model: nn.Module) -> torch.Tensor:
         if self.role == "pad":
@@ -219,9 +220,10 @@ class ChannelGroup:
         return [m for m in self.members if m.role in roles]
 
     def bns(self) -> list[Member]:
-        """The BatchNorm gamma members (one per BN layer of the group)."""
-        return [m for m in self.members
-                if m.role == "affine" and m.param == "weight" and "BatchNorm" in m.kind]
+        """The BatchNorm gamma members (one per BN layer of the group): BatchNorm modules and
+        their subclasses, also those with a forward of their own (timm's BatchNormAct2d)."""
+        return [m for m in self.members if m.role == "affine" and m.param == "weight"
+                and (m.bn or "BatchNorm" in m.kind)]
 
     def rows(self, model: nn.Module | None = None, roles: Iterable[str] = ("out",),
              params: Iterable[str] | None = None) -> list[torch.Tensor]:
@@ -1084,7 +1086,9 @@ class _Tracer:
             for key, _ in sig:
                 s = self.slots[key]
                 idx = torch.tensor([members[c][key] for c in classes], dtype=torch.long)
-                mems.append(Member(key[0], key[1], key[2], idx, s["role"], s["kind"]))
+                bn = isinstance(self.model.get_submodule(key[0]),
+                                nn.modules.batchnorm._BatchNorm)
+                mems.append(Member(key[0], key[1], key[2], idx, s["role"], s["kind"], bn))
                 if s["source"]:
                     sources.append(key[0])
             out.append(ChannelGroup(0, len(classes), mems, sources, self.model))

@@ -196,3 +196,75 @@ def test_a_registered_module_is_traced_as_a_leaf():
     (g,) = pl.channel_groups(nn.Sequential(nn.Conv2d(3, 4, 1), Doubler(), nn.Conv2d(4, 2, 1)),
                              X32)
     assert g.size == 4 and names(g, "in") == {"2"}
+
+
+class BNAct(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own forward (like timm's BatchNormAct2d): F.batch_norm on
+    its own weight, bias and statistics, then an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class Ghostly(nn.Module):
+    """Conv -> BNAct, cheap depthwise features concatenated and sliced back to `width`."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.a, self.bn = nn.Conv2d(3, 4, 1, bias=False), BNAct(4)
+        self.cheap, self.head = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        y = self.bn(self.a(x))
+        return self.head(torch.cat([y, self.cheap(y)], 1)[:, :self.width])
+
+
+def test_a_batchnorm_subclass_calling_f_batch_norm_is_sliced_like_batchnorm():
+    from prunelib.methods.rsnli import relu_after_bn
+    model = Ghostly(8).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    (g,) = pl.channel_groups(model, X32)
+    assert g.size == 4 and names(g, "out") == {"a", "cheap"}
+    roles = {(m.param, m.role) for m in g.members if m.module == "bn"}
+    assert roles == {("weight", "affine"), ("bias", "affine"), ("running_mean", "stat"),
+                     ("running_var", "stat")}
+    assert [(m.module, m.kind) for m in g.bns()] == [("bn", "BNAct")]
+    assert relu_after_bn(model) == {"bn"}                 # SCP / RSNLI find it too
+    y0 = model(X32)
+    g.zero_([1, 2])
+    with torch.no_grad():
+        y1 = model(X32)
+        small = pl.remove_channels(model, [g], {0: [0, 3]})
+        y2 = small(X32)
+    assert not torch.allclose(y0, y1) and torch.allclose(y1, y2, atol=1e-6)
+    assert small.bn.num_features == 2 and small.bn.running_var.shape == (2,)
+
+
+def test_a_slice_that_cuts_channels_is_frozen_and_listed():
+    groups = pl.channel_groups(Ghostly(6).eval(), X32)     # [:, :6] of 8 channels
+    assert groups == []
+    ops = [f.op for f in groups.frozen]
+    assert ops[0] == "getitem ('getitem')" and groups.frozen[0].layers == ["a"]
+    assert groups.frozen[0].channels == 4 and ops[-1] == "output"
+    assert "frozen by getitem ('getitem'): 4 channels of a" in groups.summary()
+
+
+def test_a_module_fx_cannot_trace_is_refused_naming_it():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x               # data-dependent control flow
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Branchy(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(pl.UnsupportedOpError, match=r"module Branchy at '1'.*register_op"):
+        pl.channel_groups(model, X32)
+    pl.register_op(Branchy, "mix")                        # declared: a leaf, channels frozen
+    assert pl.channel_groups(model, X32) == []

@@ -2,7 +2,6 @@
 of tensor operations whatever the number of channel groups (one batched computation over all
 groups, no Python loop over them), and no operation that reads a tensor value back to the host
 (`.item()`, `float(t)`, `if t:`, boolean-mask indexing): such a read stalls a CUDA stream."""
-import copy
 
 import pytest
 import torch

@@ -285,29 +285,34 @@ def test_bilinear_macs_of_binary_gates_equal_the_count_of_the_pruned_model():
     assert float(gdp.st.soft_macs(gdp.mac, g)) == pl.count(small, x[:1])[0]
 
 
-def test_gdp_adam_step_zero_crossing_and_annealing():
+def test_gdp_sgd_step_zero_crossing_and_annealing_by_hand():
     model, (x, y) = tiny_resnet(), batch()
-    gdp, model = attached("gdp", model, x, anneal_steps=4, gate_lr=0.3, eps_start=1e-2,
-                          eps_end=1e-4)
+    gdp, model = attached("gdp", model, x, anneal_steps=4, gate_lr=4.0, lam=5.0,
+                          eps_start=1e-2, eps_end=1e-4)
     with torch.no_grad():
-        gdp.theta.copy_(torch.linspace(-0.5, 0.5, gdp.st.n) + 0.013)
+        gdp.theta.copy_(torch.linspace(-0.3, 0.3, gdp.st.n) + 0.0123)
+    groups = gdp.param_groups(model, 0.1, 5e-4)
+    assert groups[1] == {"params": [gdp.theta], "lr": 4.0, "weight_decay": 0.0,
+                         "momentum": 0.9}
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4)
     model.train()
     th = gdp.theta.detach().clone()
-    m, v = torch.zeros_like(th), torch.zeros_like(th)
-    dead = torch.zeros_like(th, dtype=torch.bool)
+    buf, dead = None, torch.zeros_like(th, dtype=torch.bool)
     for t in range(1, 5):
-        gdp.theta.grad = None
+        opt.zero_grad(set_to_none=True)
         (nn.functional.cross_entropy(model(x), y) + gdp.loss_term(model)).backward()
         grad = gdp.theta.grad.clone()
+        assert (grad[dead] == 0).all()                        # g'(0) = 0
+        gdp.after_backward(model)
+        opt.step()
         gdp.after_step(model)
-        m = 0.9 * m + 0.1 * grad                                 # Adam by hand
-        v = 0.999 * v + 0.001 * grad ** 2
-        new = th - 0.3 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
-        dead |= new * th <= 0
+        buf = grad if buf is None else 0.9 * buf + grad          # heavy ball, by hand
+        new = th - 4.0 * buf
+        dead |= new * th <= 0                                    # reached or crossed 0
         th = torch.where(dead, torch.zeros_like(new), new)
         torch.testing.assert_close(gdp.theta.detach(), th, rtol=1e-5, atol=1e-6)
         assert gdp.eps == pytest.approx(1e-2 * (1e-2) ** (t / 4))
-    assert dead.any() and (gdp.theta.detach()[dead] == 0).all()
+    assert dead.any() and (~dead).any() and (gdp.theta.detach()[dead] == 0).all()
     assert gdp.eps == pytest.approx(1e-4)
 
 

@@ -102,6 +102,8 @@ class DMC(Method):
         """Remove the channels whose gate is 0 (and, with a budget, the lowest theta under it);
         the gates at 1 fold as the identity: a plain, smaller copy of `model`."""
         g = self.gates()
+        self.gates_off = int((g == 0).sum())
+        self.gate_macs = float(self.st.soft_macs(self.mac, g) / self.mac.dense)
         small = self.st.plain(model, g)
         keep = self.select(small, budget, self.scores(model)) if budget is not None else None
         keep = self.st.zero_keep(g, keep, self.min_channels)

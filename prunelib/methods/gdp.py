@@ -24,17 +24,21 @@ FLOPs      the MACs are bilinear in the gates of consecutive layers (the paper's
            (ctx.extra['budget'].macs, else `macs`).
 Anneal     [ours] eps decays geometrically from eps_start to eps_end over the phase
            (`anneal_steps` steps; None: the regularization phase), one step per `after_step`.
-Update     [ours] theta is updated by Adam (betas 0.9, 0.999; lr `gate_lr`, no weight decay) in
-           `after_step`, outside the run's SGD: dg/dtheta spans orders of magnitude as eps -> 0
-           (2 eps at theta = 1, about 0.65 / sqrt(eps) at theta = sqrt(eps / 3)), so a plain
-           SGD step either stalls or overshoots. [ours] A gate whose theta reaches or crosses 0
-           in a step passed through g = 0: theta is set to exactly 0 and stays there (the
-           paper's "gates reach exactly 0"; in floating point theta only gets close).
+Update     [ours] theta is trained by the run's SGD in a parameter group of its own (lr
+           `gate_lr`, following the run's schedule, momentum 0.9, no weight decay), with the
+           gradient of the task loss and of the FLOPs term, dL/dtheta = dL/dg * dg/dtheta.
+           dg/dtheta is 2 eps / (1 + eps)^2 at theta = 1 and about 0.65 / sqrt(eps) at
+           theta = sqrt(eps / 3), hence a large gate_lr: a gate whose FLOPs pressure beats its
+           usefulness drifts down slowly, then falls; one that is useful rises and locks near 1.
+           [ours] A gate whose theta reaches or crosses 0 in a step passed through g = 0
+           (g is even in theta): theta is set to exactly 0 and stays there (`after_step`; the
+           paper's "gates reach exactly 0"; in floating point theta would only get close).
 Decision   `finish(model)`: the gates at exactly 0 are removed (their channels output 0:
            exact), the others folded into the BN (gamma, beta times g_c): "no disruption".
-           `finish(model, budget)`: rank by g, remove under the budget, fold the rest.
-Defaults   [ours, no code] lam = 2, eps 1e-2 -> 1e-6 (theta_init = 1: gates start at 0.99),
-           gate_lr = 0.01.
+           `finish(model, budget)`: rank by |theta| (the order of g at any eps, without its
+           saturation at 1 in floating point), remove under the budget, fold the rest.
+Defaults   [ours, no code] lam = 2, eps 1e-2 -> 1e-4 (theta_init = 1: gates start at 0.99),
+           gate_lr = 5.
 """
 from __future__ import annotations
 
@@ -64,15 +68,15 @@ class GDP(Method):
         "lam": HParam(float, lo=0.0, note="strength of the FLOPs term"),
         "eps_start": HParam(float, lo=0.0, lo_open=True),
         "eps_end": HParam(float, lo=0.0, lo_open=True, note="at most eps_start"),
-        "gate_lr": HParam(float, lo=0.0, lo_open=True, note="Adam step on theta"),
+        "gate_lr": HParam(float, lo=0.0, lo_open=True, note="SGD learning rate of theta"),
         "theta_init": HParam(float, lo=0.0, lo_open=True),
         "macs": HParam(float, 0.0, 1.0, lo_open=True,
                        note="fraction of dense MACs to keep when the context has no budget"),
         "anneal_steps": HParam(int, lo=1, none=True, note="None: the regularization phase"),
     }
 
-    def __init__(self, lam: float = 2.0, eps_start: float = 1e-2, eps_end: float = 1e-6,
-                 gate_lr: float = 0.01, theta_init: float = 1.0, macs: float = 0.5,
+    def __init__(self, lam: float = 2.0, eps_start: float = 1e-2, eps_end: float = 1e-4,
+                 gate_lr: float = 5.0, theta_init: float = 1.0, macs: float = 0.5,
                  anneal_steps: int | None = None, **kw) -> None:
         super().__init__(**kw)
         self.set_hparams(lam=lam, eps_start=eps_start, eps_end=eps_end, gate_lr=gate_lr,
@@ -92,9 +96,9 @@ class GDP(Method):
         self.mac = mac_model(model, self.all_groups, ex, dev)
         budget = self.ctx.extra.get("budget")
         self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
-        self.theta = torch.full((self.st.n,), self.theta_init, device=dev, requires_grad=True)
-        self._m = torch.zeros_like(self.theta, requires_grad=False)      # Adam moments (n,)
-        self._v = torch.zeros_like(self._m)
+        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev))
+        self.dead = torch.zeros(self.st.n, dtype=torch.bool, device=dev)    # theta = 0 for good
+        self._prev = self.theta.detach().clone()
         self.eps, self.step, self._total = self.eps_start, 0, self.anneal_steps
         self.st.install(model, self.theta, lambda t: smoothed_l0(t, self.eps))
         return model
@@ -103,6 +107,14 @@ class GDP(Method):
         if self.anneal_steps is None and ctx.epochs > 0:
             self._total = self.step + math.ceil(ctx.epochs * len(ctx.train_loader))
         return super().regularize(model, ctx)
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """The model's parameters with the run's settings; theta: lr gate_lr, no weight decay,
+        momentum 0.9."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+                 "weight_decay": weight_decay},
+                {"params": [self.theta], "lr": self.gate_lr, "weight_decay": 0.0,
+                 "momentum": 0.9}]
 
     def gates(self) -> torch.Tensor:
         """g_eps(theta) (n,) at the current eps (no gradient)."""
@@ -114,20 +126,17 @@ class GDP(Method):
         return (self.lam * torch.relu(ratio - self.target)).float()
 
     @torch.no_grad()
+    def after_backward(self, model: nn.Module) -> None:
+        self._prev.copy_(self.theta)                   # theta before the optimizer's step
+
+    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        """Adam step on theta (its gradient from the task loss and the FLOPs term), theta that
-        reached or crossed 0 set to 0 for good, then the next eps."""
-        th, g = self.theta, self.theta.grad
-        self.theta.grad = None
+        """theta that reached or crossed 0 in the step (or earlier) set to exactly 0; then the
+        next eps = eps_start (eps_end / eps_start)^(step / anneal_steps)."""
+        th = self.theta
+        self.dead |= th * self._prev <= 0
+        th.masked_fill_(self.dead, 0.0)
         self.step += 1
-        if g is not None:
-            b1, b2 = 0.9, 0.999
-            self._m.mul_(b1).add_(g, alpha=1 - b1)
-            self._v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = self._m / (1 - b1 ** self.step)
-            v_hat = self._v / (1 - b2 ** self.step)
-            new = th - self.gate_lr * m_hat / (v_hat.sqrt() + 1e-8)
-            th.copy_(torch.where(new * th > 0, new, torch.zeros_like(new)))   # crossed 0: dead
         if self._total is None:
             raise RuntimeError(f"{self.owner()}: eps is annealed over the phase: train through "
                                "regularize() or give anneal_steps")
@@ -135,14 +144,16 @@ class GDP(Method):
         self.eps = self.eps_start * (self.eps_end / self.eps_start) ** frac
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
-        """The gate g_c of every channel of every gated group."""
-        g = self.gates().cpu()
-        return {i: g[sl] for i, sl in self.st.slices.items()}
+        """|theta_c| of every channel of every gated group (ranks as g does at any eps)."""
+        th = self.theta.detach().abs().cpu()
+        return {i: th[sl] for i, sl in self.st.slices.items()}
 
     def finish(self, model: nn.Module, budget: Budget | None = None) -> nn.Module:
         """Fold the gates into the BNs; remove the gates at 0 (and, with a budget, the lowest
         ones under it); a plain, smaller copy of `model`."""
         g = self.gates()
+        self.gates_off = int((g == 0).sum())
+        self.gate_macs = float(self.st.soft_macs(self.mac, g) / self.mac.dense)
         small = self.st.plain(model, g)
         keep = self.select(small, budget, self.scores(model)) if budget is not None else None
         keep = self.st.zero_keep(g, keep, self.min_channels)

@@ -23,8 +23,9 @@ Decision   prune then fine-tune: `finish(model)` removes the channels whose gate
            ranks by theta under the budget.
 Not done   the stochastic variant (sampled gates) of the paper.
 Defaults   [ours, no code] lam = 1 (R is a log-ratio, O(1) when the MACs are 2x the budget),
-           theta_init = 0.5 (every gate on, inside the STE window), residual 'internal' (only
-           the blocks' inner channels; the trunk of a ResNet stage untouched).
+           theta_init = 0.1 (every gate on, inside the STE window, close enough to 0 that a
+           short phase can switch gates off), residual 'internal' (only the blocks' inner
+           channels; the trunk of a ResNet stage untouched).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class DMC(Method):
                        note="fraction of dense MACs to keep when the context has no budget"),
     }
 
-    def __init__(self, lam: float = 1.0, theta_init: float = 0.5, macs: float = 0.5,
+    def __init__(self, lam: float = 1.0, theta_init: float = 0.1, macs: float = 0.5,
                  **kw) -> None:
         super().__init__(**kw)
         self.set_hparams(lam=lam, theta_init=theta_init, macs=macs)

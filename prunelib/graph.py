@@ -303,6 +303,34 @@ class _LeafTracer(fx.Tracer):
         return (isinstance(m, ChannelPad) or _module_kind(m) is not None
                 or super().is_leaf_module(m, qualname))
 
+    def trace(self, root: nn.Module, *args: Any, **kwargs: Any) -> fx.Graph:
+        self._names: dict[int, str] = {}               # parameter -> name, then buffers
+        self._buffers: dict[int, str] = {}
+        for n, t in root.named_parameters():
+            self._names.setdefault(id(t), n)
+        for n, t in root.named_buffers():
+            self._buffers.setdefault(id(t), n)
+        return super().trace(root, *args, **kwargs)
+
+    def create_arg(self, a: Any) -> Any:
+        """A parameter or buffer as an argument: its get_attr node, found by a dict."""
+        if isinstance(a, torch.Tensor):
+            name = self._names.get(id(a)) if isinstance(a, nn.Parameter) else \
+                self._buffers.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        """A module's parameter read in forward: a get_attr node, found by a dict (fx's own
+        lookup scans every parameter of the model for each read); the rest as fx does it."""
+        name = self._names.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
 
 class _UnionFind:
     def __init__(self) -> None:
@@ -325,8 +353,9 @@ class _UnionFind:
         keep = (a >= 0) & (b >= 0) & (a != b)
         if not keep.any():
             return
-        for x, y in np.unique(np.stack([a[keep], b[keep]], 1), axis=0):
-            rx, ry = self.find(int(x)), self.find(int(y))
+        n = len(self.parent)                      # distinct pairs, as one int64 key each
+        for key in np.unique(a[keep].astype(np.int64) * n + b[keep]).tolist():
+            rx, ry = self.find(key // n), self.find(key % n)
             if rx != ry:
                 self.parent[max(rx, ry)] = min(rx, ry)
 
@@ -1015,13 +1044,14 @@ class _Tracer:
                 continue
             vids, vsafe = self.per_channel(code, 0, freeze_unsafe=False)
             self.freeze(ids[vids < 0])
-            self.uf.union_arrays(ids, vids)
-            ids = np.where(ids >= 0, ids, vids)
             at = owner(src)
-            if at is not None:
+            if at is not None and (at[0], at[1], 0) in self.slots:   # slot() unions them
                 role = "stat" if key.startswith("running") else "affine"
                 kind = type(self.model.get_submodule(at[0])).__name__
-                self.slot(at[0], at[1], 0, ids, role, kind)
+                self.slot(at[0], at[1], 0, np.where(ids >= 0, ids, vids), role, kind)
+            else:
+                self.uf.union_arrays(ids, vids)
+            ids = np.where(ids >= 0, ids, vids)
             if key == "weight":
                 safe = vsafe.astype(bool)
             elif key == "bias":

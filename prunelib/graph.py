@@ -14,6 +14,14 @@ consumer input slices ('in'), BN/affine gamma and beta and per-channel parameter
 running statistics and PReLU slopes ('stat', sliced but never zeroed). A `ChannelGroup` is a set
 of classes that touch exactly the same slots; channel k of the group is one class.
 
+Functional forms (F.conv1d/2d/3d, F.linear, F.batch_norm, F.instance_norm) whose weights are a
+module's own parameters or buffers (a get_attr of the traced model) get the slots of the module
+forms, named after that module: timm's BatchNormAct2d (an nn.BatchNorm2d subclass whose forward
+calls F.batch_norm on self.weight, then an activation) is a BatchNorm for every lookup
+(`ChannelGroup.bns`, `Member.bn`, `bn_outputs`). A conv / linear weight computed in forward
+(weight standardization: StdConv2d, ScaledStdConv2d) or a depthwise F.conv2d with a literal
+`groups` (timm's BlurPool2d) cannot follow a pruned input: its channels are frozen.
+
 Zero padding along channels comes in two kinds. A literal `F.pad` pads by the same amount in the
 pruned model, so its padded positions get a frozen id (whatever they are added to must stay). A
 `prunelib.models.ChannelPad` module (the option-A shortcut) is a leaf: each padded position is a
@@ -27,7 +35,12 @@ view(n, 64, -1), roll), or reach a consumer through an op with f(0) != 0 (sigmoi
 over space, ...) are frozen: never in a group; so are the operands of an op with f(0) not finite
 (reciprocal, log, a divisor) and channels combined with a fixed-size constant. An op we do not
 know raises `UnsupportedOpError` naming the node; `register_op` tells us what it does. Every
-entry of the op table has a numerical test (tests/test_guarantees_graph.py).
+entry of the op table has a numerical test (tests/test_guarantees_graph.py). A slice that keeps
+a whole channel dim (GhostNet's `cat(...)[:, :out_chs]` when out_chs is the full width) stays
+whole in the pruned model and is not a literal index. `channel_groups` returns a `GroupList`
+whose `frozen` names, for every frozen channel, the op that froze it first (with the module it
+sits in), so a listing says why a layer cannot shrink; a module torch.fx cannot trace (Python
+control flow on tensor values) is an UnsupportedOpError naming it (`register_op` makes it a leaf).
 
 `example_inputs` must be a batch (batch dimension first; size 1 is fine): ValueError otherwise.
 """

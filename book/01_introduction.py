@@ -849,7 +849,8 @@ assert 1e-5 * disp["quick"][1] < 0.01 * float(gam.median())           # the pape
 # where $\mathcal{C}_\text{rm}$ is the set of channels the budget would remove if the
 # baseline's |γ| were ranked now (the channels the penalty must reach to meet the budget),
 # $Q_{0.9}$ the 0.9-quantile (robust to a few outliers) and the margin 2 (the task gradient
-# pushes back). Why the target: the more the budget removes, the further up the |γ|
+# pushes back on γ; chapter 4's group norms of conv rows that feed a BN get margin 1, since
+# nothing pushes back along such a row). Why the target: the more the budget removes, the further up the |γ|
 # distribution the removed channels reach. A rule that ignores the target — the book's
 # earlier "reach = the 10% quantile of all prunable |γ|" — is the same for a 20% and a 65%
 # cut, and leaves most of the channels a 50% budget removes outside the penalty's reach.

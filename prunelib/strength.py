@@ -41,10 +41,16 @@ GREG has a rule of its own kind: its penalty grows by delta every k_u steps up t
 the channels it will remove; delta is set so that lam reaches tau after half of the phase
 (the rest is GREG's stabilization), delta = tau k_u / (steps / 2).
 
-`margin` (default 1 here; the protocol's `Scale.strength_margin` is 2: the task gradient resists
-the penalty, and measured on ResNet-20 at the quick scale, NS with margin 1 still removes
-channels that carry signal: 10% accuracy right after removal, 23% after BN recalibration, against
-24.5% and 74.4% with margin 2) multiplies D. Methods not in `RULES` (GBN, EagleEye, GReg-2, L1)
+`margin` (default 1 here; the protocol's `Scale.strength_margin` is 2) multiplies D where the
+task gradient resists the push: the BN-based rules move gamma, which the loss is not invariant
+to (measured on ResNet-20 at the quick scale, NS with margin 1 still removes channels that carry
+signal: 10% accuracy right after removal, 23% after BN recalibration, against 24.5% and 74.4%
+with margin 2). The group-norm rules (SSL, OICSR, OTO) are `resisted=False`: their group norms
+are mostly conv rows that feed a BatchNorm, along which the loss is scale-invariant
+(<grad f, w_k> = 0), so nothing resists the radial push and the drift is D itself, whatever
+the margin: a drift of 2D empties the rows of every layer, kept or not, and the rows' effective
+learning rate (prop. to 1 / ||w_k||^2) explodes (measured, same setting: SSL at 2D ends its
+sparse phase at 46% and is fine-tuned to 54%; at D, 83% and 83%, l1 84.8). Methods not in `RULES` (GBN, EagleEye, GReg-2, L1)
 plan their own phase and keep their values. `pipeline.run` applies the rule at every scale but
 'full' when the method's strength parameters are still at their defaults (the papers' values),
 and writes the returned record into `result['strength']`.
@@ -79,6 +85,7 @@ class Rule:
     tied: dict[str, str] = field(default_factory=dict)     # param -> param it keeps a ratio to
     schedule: Callable[[Method, list[float]], dict[str, float]] | None = None  # not drift-based
     applies: Callable[[Method], bool] = lambda m: True
+    resisted: bool = True        # False: nothing resists the push, the drift is D (no margin)
 
 
 def sgd_displacement(lrs: list[float], momentum: float, nesterov: bool = True) -> float:
@@ -119,10 +126,12 @@ RULES: dict[str, Rule] = {
                _gamma_of),
     "rsnli": Rule(("rho",), _rsnli_unit, _rsnli_x, tied={"rho_warmup": "rho"}),
     "scp": Rule(("lam",), _scp_unit, _gamma_of),
-    "oto": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, mu)),
-    "ssl": Rule(("lam_filter", "lam_channel"), lambda m, lrs, mu, _: sgd_displacement(lrs, mu)),
+    "oto": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, mu), resisted=False),
+    "ssl": Rule(("lam_filter", "lam_channel"), lambda m, lrs, mu, _: sgd_displacement(lrs, mu),
+                resisted=False),
     "oicsr": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, mu),
-                  lambda m, model: {i: s.sqrt() for i, s in m.scores(model).items()}),
+                  lambda m, model: {i: s.sqrt() for i, s in m.scores(model).items()},
+                  resisted=False),
     "greg": Rule(("delta",), lambda m, lrs, mu, _: 1.0,
                  schedule=lambda m, lrs: {"delta": m.tau * m.k_u / max(len(lrs) / 2, 1)},
                  applies=lambda m: m.variant == "greg1"),
@@ -158,7 +167,7 @@ def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget,
 
     Works on copies: `model` and `method` are not changed. Returns a JSON-able record
     {'rule', 'params': {name: value}, 'D', 'unit', 'removed', 'prunable', 'quantile', 'margin',
-    'steps', 'sum_lr'}.
+    'resisted', 'steps', 'sum_lr'}; 'margin' is the one used: 1 for an unresisted rule.
     """
     rule = RULES.get(method.name)
     if rule is None or not rule.applies(method):
@@ -189,6 +198,7 @@ def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget,
     lrs = phase_lrs(ctx, len(ctx.train_loader))
     unit = rule.unit(probe, lrs, ctx.momentum, work)
     d = float(torch.quantile(gone_t, quantile))
+    margin = margin if rule.resisted else 1.0
     value = margin * d / unit
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{method.name}: the strength rule gave {value} (D={d}, unit={unit})")
@@ -197,7 +207,7 @@ def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget,
         params[p] = value * getattr(method, p) / getattr(method, base)
     return {"rule": "target drift", "params": params, "D": d, "unit": unit,
             "removed": int(gone_t.numel()), "prunable": prunable, "quantile": quantile,
-            "margin": margin, "steps": len(lrs), "sum_lr": sum(lrs)}
+            "margin": margin, "resisted": rule.resisted, "steps": len(lrs), "sum_lr": sum(lrs)}
 
 
 def apply(method: Method, record: dict[str, Any]) -> Method:

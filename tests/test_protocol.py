@@ -125,6 +125,25 @@ def test_target_drift_sets_ns_lam_from_the_channels_the_budget_removes():
     assert rec["removed"] == len(gone) and ns.lam == 1e-5         # nothing changed in place
 
 
+@pytest.mark.parametrize("name", ["ssl", "oicsr", "oto"])
+def test_group_norm_rules_drift_by_d_whatever_the_margin(name):
+    # their groups are mostly conv rows feeding a BN: nothing resists the push, no margin
+    model = _varied()
+    x = torch.randn(1, 3, 32, 32)
+    groups = pl.channel_groups(model, x)
+    ctx = _ctx(model, x, Tiny().train)
+    rec = {m: strength.target_drift(methods.get(name), model, groups, Budget(macs=0.5), ctx,
+                                    margin=m) for m in (1.0, 2.0)}
+    assert rec[2.0]["params"] == rec[1.0]["params"]
+    assert rec[2.0]["margin"] == 1.0 and rec[2.0]["resisted"] is False
+    lam = next(iter(rec[2.0]["params"].values()))
+    assert lam * rec[2.0]["unit"] == pytest.approx(rec[2.0]["D"], rel=1e-9)
+    ns = {m: strength.target_drift(methods.get("ns"), model, groups, Budget(macs=0.5), ctx,
+                                   margin=m) for m in (1.0, 2.0)}
+    assert ns[2.0]["params"]["lam"] == pytest.approx(2 * ns[1.0]["params"]["lam"], rel=1e-9)
+    assert ns[2.0]["resisted"] is True
+
+
 def test_target_drift_grows_with_how_much_the_budget_removes():
     model = _varied()
     x = torch.randn(1, 3, 32, 32)

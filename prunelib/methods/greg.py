@@ -238,9 +238,10 @@ class GReg(Method):
                 self._update()
             f = self._flat
             if f.numels:                                   # all filters at once
-                x = f.flat()
+                x = f.read("x")
                 lam = torch.cat([self.lam[g.index] for g in self.groups]).to(x)
-                torch._foreach_add_(f.grads(), f.split(x * f.spread(lam)))
+                f.spread(lam, "step").mul_(x)
+                torch._foreach_add_(f.grads(), f.views("step"))
 
     def after_step(self, model: nn.Module) -> None:
         self.step += 1

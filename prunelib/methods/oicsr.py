@@ -75,8 +75,9 @@ class OICSR(Method):
         if not self.lam or not f.numels:
             return
         with torch.no_grad():
-            x = f.flat()
-            torch._foreach_add_(f.grads(), f.split(x * f.spread(lasso_coef(f.dot(x), self.lam))))
+            x = f.read("x")
+            f.spread(lasso_coef(f.dot(x), self.lam), "step").mul_(x)
+            torch._foreach_add_(f.grads(), f.views("step"))
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """Energy of each out-in-channel of `model`: squared norm of its filter rows and input

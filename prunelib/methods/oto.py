@@ -133,13 +133,14 @@ class OTO(Method):
             return
         half = self.half_space
         with torch.no_grad():
-            x = f.flat()
+            x = f.read("x")
             sq = f.dot(x)
             self._zero = sq == 0
-            grads = f.grads()
-            g = f.flat(grads).masked_fill_(f.spread(self._zero), 0.0)
-            coef = f.spread(lasso_coef(sq, self.lam))              # lam / ||x_g||, 0 if zero
-            torch._foreach_copy_(grads, f.split(g.addcmul_(x, coef)))
+            grads = f.grads()                  # grad <- grad [x_g != 0] + lam x / ||x_g||
+            g = f.read("g", grads)
+            g.mul_(f.spread((~self._zero).to(x.dtype), "e", fill=1.0))
+            g.addcmul_(x, f.spread(lasso_coef(sq, self.lam), "e"))
+            torch._foreach_copy_(grads, f.views("g"))
             self._x, self._sq = (x, sq) if half else (None, None)
 
     def after_step(self, model: nn.Module) -> None:
@@ -149,11 +150,12 @@ class OTO(Method):
         half = self.half_space
         with torch.no_grad():
             if f.numels:
-                xh = f.flat()                               # the trial point x^ = x - a grad
+                xh = f.read("xh")                           # the trial point x^ = x - a grad
                 zero = self._zero.to(xh.device)
                 if half and self._x is not None:
                     zero = zero | (f.dot(xh, self._x) < self.eps * self._sq)
-                torch._foreach_copy_(f.tensors(), f.split(xh.masked_fill_(f.spread(zero), 0.0)))
+                xh.masked_fill_(f.spread(zero, "mask"), 0.0)
+                torch._foreach_copy_(f.tensors(), f.views("xh"))
             self._x = self._sq = None
             self.step += 1
             if self.log_every and self.step % self.log_every == 0:
@@ -161,7 +163,7 @@ class OTO(Method):
 
     def _count_zero(self) -> torch.Tensor:
         f = self._flat
-        return (f.dot(f.flat()) == 0).sum() if f.numels else torch.zeros((), dtype=torch.long)
+        return (f.dot(f.read("xh")) == 0).sum() if f.numels else torch.zeros((), dtype=torch.long)
 
     def _zero_masks(self, model: nn.Module | None = None) -> dict[int, torch.Tensor]:
         """Per group: which ZIGs of `model` (None: the attached one) are exactly zero."""

@@ -85,56 +85,62 @@ class FlatChannels:
     """The channel slices of many groups as constant index tensors over one flat vector.
 
     Built once at `attach`. The distinct tensors P_1..P_T holding the slices are read as one
-    vector x = cat(P_1.reshape(-1), ..., P_T.reshape(-1)) (N elements); the channels of all
-    entries (size, members) are numbered c = 0..n-1 (`offsets[j]` is entry j's first) and
-    `chan` (L, N) gives for each element e up to L channels it belongs to (L = 2 when an element
-    lies in two slices, e.g. a weight that is one channel's filter row and another's input
-    slice), the dummy channel n where it has fewer. Then, with no loop over groups or tensors:
+    vector x = (P_1.reshape(-1), ..., P_T.reshape(-1)) (N elements); the channels of all
+    entries (size, members) are numbered c = 0..n-1 and `chan` (L, N) gives for each element e
+    up to L channels it belongs to (L = 2 when an element lies in two slices, e.g. a weight
+    that is one channel's filter row and another's input slice), the dummy channel n where it
+    has fewer. Then, with no loop over groups:
 
-        dot(x, y)[c] = sum_{e in channel c} x_e y_e        (one index_add per layer; y = x:
-                                                            the squared norms ||x_c||^2)
-        spread(w)_e  = sum_l w[chan[l, e]],  w[n] = 0       (one gather per layer)
+        dot(x, y)[c] = sum_{e in channel c} x_e y_e        (y = x: the squared norms ||x_c||^2)
+        spread(w)_e  = sum_l w[chan[l, e]],  w[n] = fill    (one gather per layer)
 
     so that, e.g., the group-lasso subgradient lam x_e / ||x_c|| of every element at once is
-    x * spread(lam / norm). `tensors(model)` resolves the same tensors on any model by name.
+    x * spread(lam / ||x_c||). `dot` sums each run of consecutive elements of one channel (a
+    filter row, a kernel's k x k taps) with one segment reduction and adds the run sums into
+    their channels (a scatter over all N elements is several times slower on a CPU). Flat
+    vectors live in buffers kept between steps, `read(key)` copies the tensors into buffer
+    `key` and `views(key)` are its pieces shaped like the tensors (for `torch._foreach_*`
+    writes): no per-step allocation or view creation per tensor. `tensors(model)` resolves
+    the same tensors on any model by name.
     """
 
     def __init__(self, model: nn.Module, entries: list[tuple[int, list[Member]]]) -> None:
-        self.sizes = [size for size, _ in entries]
-        self.offsets = [sum(self.sizes[:j]) for j in range(len(entries))]
-        self.n = n = sum(self.sizes)
+        sizes = [size for size, _ in entries]
+        self.n = n = sum(sizes)
         names: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
-        for (size, members), off in zip(entries, self.offsets):
+        for j, (size, members) in enumerate(entries):
+            ids = torch.arange(sum(sizes[:j]), sum(sizes[:j + 1]))
             for m in members:
-                t = m.tensor(model)
                 layers = names.setdefault((m.module, m.param), [])
                 pos = m.idx.reshape(-1).cpu()
-                ids = torch.arange(off, off + size).repeat_interleave(m.idx.shape[1])
                 free = [a for d, a in layers if d == m.dim and (a[pos] == n).all()]
                 if not free:
-                    free = [torch.full((t.shape[m.dim],), n)]
+                    free = [torch.full((m.tensor(model).shape[m.dim],), n)]
                     layers.append((m.dim, free[0]))
-                free[0][pos] = ids
+                free[0][pos] = ids.repeat_interleave(m.idx.shape[1])
         self.names = list(names)
         self._tensors = [getattr(model.get_submodule(a), b) for a, b in self.names]
         self.shapes = [t.shape for t in self._tensors]
         self.numels = [t.numel() for t in self._tensors]
-        depth = max((len(v) for v in names.values()), default=0)
         chan = []
-        for layer in range(depth):
+        for layer in range(max((len(v) for v in names.values()), default=0)):
             parts = []
             for layers, shape in zip(names.values(), self.shapes):
                 if layer < len(layers):
                     d, a = layers[layer]
-                    view = [1] * len(shape)
-                    view[d] = -1
-                    parts.append(a.view(view).expand(shape).reshape(-1))
+                    parts.append(a.view([-1 if i == d else 1 for i in range(len(shape))])
+                                 .expand(shape).reshape(-1))
                 else:
                     parts.append(torch.full((math.prod(shape),), n))
             chan.append(torch.cat(parts))
-        dev = self._tensors[0].device if self._tensors else None
-        self.chan = (torch.stack(chan) if chan else torch.zeros(0, 0, dtype=torch.long)
-                     ).to(device=dev, dtype=torch.int32)
+        self.runs = []                                  # per layer: (run lengths, channels)
+        for c in chan:
+            start = torch.ones(len(c), dtype=torch.bool)
+            start[1:] = c[1:] != c[:-1]
+            first = torch.nonzero(start).flatten()
+            self.runs.append((torch.diff(first, append=torch.tensor([len(c)])), c[first]))
+        self.chan = torch.stack(chan).int() if chan else torch.zeros(0, 0, dtype=torch.int32)
+        self._bufs: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def tensors(self, model: nn.Module | None = None) -> list[torch.Tensor]:
         """The tensors of the attached model (None), or the same-named ones of `model`."""
@@ -142,36 +148,49 @@ class FlatChannels:
             return self._tensors
         return [getattr(model.get_submodule(a), b) for a, b in self.names]
 
-    def flat(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x = cat of the tensors (default: the attached parameters), detached."""
-        x = torch.cat([t.detach().reshape(-1) for t in (tensors or self._tensors)])
-        if self.chan.device != x.device:
-            self.chan = self.chan.to(x.device)
+    def buffer(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The flat (N,) buffer `key`, with the dtype and device of `like` (kept between calls;
+        the index tensors follow it to its device)."""
+        buf = self._bufs.get(key)
+        if buf is None or buf[0].dtype != like.dtype or buf[0].device != like.device:
+            with torch.no_grad():
+                flat = torch.empty(sum(self.numels), dtype=like.dtype, device=like.device)
+                buf = (flat, [a.view(s) for a, s in zip(flat.split(self.numels), self.shapes)])
+            self._bufs[key] = buf
+            if self.chan.device != like.device:
+                self.chan = self.chan.to(like.device)
+                self.runs = [(a.to(like.device), b.to(like.device)) for a, b in self.runs]
+        return buf[0]
+
+    def views(self, key: str) -> list[torch.Tensor]:
+        """The pieces of buffer `key`, shaped like the tensors."""
+        return self._bufs[key][1]
+
+    @torch.no_grad()
+    def read(self, key: str, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x: the tensors (default: the attached parameters) copied into buffer `key`."""
+        ts = self._tensors if tensors is None else tensors
+        x = self.buffer(key, ts[0])
+        torch._foreach_copy_(self.views(key), ts)
         return x
 
     def dot(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """(n,) sum of x_e * y_e over the elements e of every channel (y = x: ||x_c||^2)."""
-        v = x * (x if y is None else y)
+        v = torch.mul(x, x if y is None else y, out=self.buffer("_dot", x))
         out = torch.zeros(self.n + 1, dtype=v.dtype, device=v.device)
-        for c in self.chan:
-            out.index_add_(0, c, v)
+        for lengths, chan in self.runs:
+            out.index_add_(0, chan, torch.segment_reduce(v, "sum", lengths=lengths))
         return out[:self.n]
 
-    def spread(self, w: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """(N,) sum over the layers of w[channel of e], `fill` for the dummy channel."""
+    def spread(self, w: torch.Tensor, key: str, fill: float = 0.0) -> torch.Tensor:
+        """(N,) sum over the layers of w[channel of e], `fill` for the dummy channel, written
+        into buffer `key`."""
         w = torch.cat([w, torch.full((1,), fill, dtype=w.dtype, device=w.device)])
-        out = w.index_select(0, self.chan[0])
+        out = self.buffer(key, w)
+        torch.index_select(w, 0, self.chan[0], out=out)
         for c in self.chan[1:]:
             out += w.index_select(0, c)
         return out
-
-    def split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """`v` (N,) as views shaped like the tensors."""
-        return [a.view(s) for a, s in zip(v.split(self.numels), self.shapes)]
-
-    def per_entry(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """`v` (n,) cut into the channels of each entry."""
-        return list(v.split(self.sizes))
 
     def grads(self) -> list[torch.Tensor]:
         """The .grad of every attached tensor (zeros where there is none yet)."""
@@ -297,12 +316,13 @@ class SSL(Method):
         with torch.no_grad():
             f = self._flat
             if (self.lam_filter or self.lam_channel) and f.numels:
-                x = f.flat()
+                x = f.read("x")
                 if self._is_filter.device != x.device:
                     self._is_filter = self._is_filter.to(x.device)
                 lam = torch.full((f.n,), self.lam_channel, dtype=x.dtype, device=x.device)
                 lam.masked_fill_(self._is_filter, self.lam_filter)
-                torch._foreach_add_(f.grads(), f.split(x * f.spread(lasso_coef(f.dot(x), lam))))
+                f.spread(lasso_coef(f.dot(x), lam), "step").mul_(x)
+                torch._foreach_add_(f.grads(), f.views("step"))
             if self.lam_shape:
                 for w in self._convs:
                     norm = w.detach().pow(2).sum(0, keepdim=True).sqrt()
@@ -322,9 +342,9 @@ class SSL(Method):
         f = self._flat
         if self.zerout > 0 and f.numels:
             with torch.no_grad():
-                x = f.flat()
-                torch._foreach_copy_(f.tensors(), f.split(x.masked_fill_(x.abs() < self.zerout,
-                                                                          0.0)))
+                x = f.read("x")
+                x.masked_fill_(x.abs() < self.zerout, 0.0)
+                torch._foreach_copy_(f.tensors(), f.views("x"))
 
     # -- decision ----------------------------------------------------------------------------
     def group_norms(self, model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

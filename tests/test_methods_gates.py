@@ -10,7 +10,7 @@ from torch import nn
 
 import prunelib as pl
 from prunelib import methods
-from prunelib.models import CifarResNet
+from prunelib.models import CifarResNet, get_model
 from prunelib.select import Budget
 from prunelib.surgery import removed_branches
 
@@ -161,19 +161,24 @@ def test_resrep_gradient_reset_equals_mask_times_grad_plus_row_lasso_by_hand():
         m[1::2] = 0.0
     model.train()
     nn.functional.cross_entropy(model(x), y).backward()
-    raw = [q.grad.clone() for q in rr.Q]
+    sizes = [q.shape[0] for q in rr.Q]
+    raw = [rr.P.grad[k, :n, :n].clone() for k, n in enumerate(sizes)]
     rr.after_backward(model)
-    for q, m, g in zip(rr.Q, rr.mask, raw):
+    for k, (q, m, g) in enumerate(zip(rr.Q, rr.mask, raw)):
         assert g.abs().sum() > 0
-        w = q.detach()
+        w, grad = q.detach(), rr.P.grad[k, :sizes[k], :sizes[k]]
         for i in range(w.shape[0]):                                  # row by row, by hand
             norm = sum(float(v) ** 2 for v in w[i]) ** 0.5
             want = m[i] * g[i] + (lam * w[i] / norm if norm > 0 else 0 * w[i])
-            torch.testing.assert_close(q.grad[i], want, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(grad[i], want, rtol=1e-5, atol=1e-7)
+    pad = torch.ones_like(rr.P, dtype=torch.bool)          # the padding of P stays exactly 0
+    for k, n in enumerate(sizes):
+        pad[k, :n, :n] = False
+    assert (rr.P.grad[pad] == 0).all() and (rr.P.detach()[pad] == 0).all()
     groups = rr.param_groups(model, 0.1, 5e-4)
-    assert groups[1]["params"] == rr.Q and groups[1]["momentum"] == 0.99
+    assert groups[1]["params"] == [rr.P] and groups[1]["momentum"] == 0.99
     assert groups[1]["weight_decay"] == 0.0
-    assert not any(p is q for q in rr.Q for p in groups[0]["params"])
+    assert not any(p is rr.P for p in groups[0]["params"])
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -375,3 +380,60 @@ def test_dmc_trains_only_the_gates():
     dmc.regularize(model, dmc.ctx)
     assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
     assert not torch.equal(dmc.theta.detach(), theta) and (dmc.gates() == 0).any()
+
+
+# --- per-step cost and device / dtype moves (the harness of tests/test_hook_cost.py) --------------
+STEP_CONFIGS = {"sss": {}, "sss_channels": {"structure": "channels"}, "resrep": {},
+                "gdp": {"anneal_steps": 100}, "dmc": {}}
+
+
+def hooked_gate(name: str, model_name: str, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    model = get_model(model_name).to(dtype)
+    x, y = torch.randn(2, 3, 32, 32, dtype=dtype), torch.randint(0, 10, (2,))
+    m = methods.get(name.split("_")[0], **STEP_CONFIGS[name])
+    m.ctx = methods.Context(example_inputs=x[:1], quiet=True)
+    model = m.attach(model, pl.channel_groups(model, x[:1]))
+    opt = torch.optim.SGD(m.param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9)
+    return m, model, opt, (x, y)
+
+
+def extra_params(m) -> torch.Tensor:
+    return {"sss": lambda: m.lam, "resrep": lambda: m.P, "gdp": lambda: m.theta,
+            "dmc": lambda: m.theta}[m.name]().detach()
+
+
+@pytest.mark.parametrize("name", sorted(STEP_CONFIGS))
+def test_gate_hooks_run_a_fixed_number_of_ops_and_read_nothing_back(name):
+    from test_hook_cost import SYNC, Ops, step
+    counts = {}
+    for model_name in ("resnet20", "resnet56"):
+        m, model, opt, batch = hooked_gate(name, model_name)
+        step(m, model, opt, batch)                            # first step: lazy set-up
+        ops = Ops()
+        step(m, model, opt, batch, ops, hooks_only=True)
+        counts[model_name] = sorted(ops.names)
+        whole = Ops()
+        step(m, model, opt, batch, whole)
+        assert len(whole.names) > 100 and SYNC.isdisjoint(whole.names), \
+            sorted(SYNC & set(whole.names))
+    assert counts["resnet20"] == counts["resnet56"]
+
+
+@pytest.mark.parametrize("name", sorted(STEP_CONFIGS))
+def test_a_gate_method_attached_then_moved_steps_as_one_attached_after_the_move(name):
+    from test_hook_cost import step
+    m, model, _, batch = hooked_gate(name, "resnet20")
+    model.double()
+    opt = torch.optim.SGD(m.param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9)
+    ref_m, ref, ref_opt, ref_batch = hooked_gate(name, "resnet20", torch.float64)
+    for _ in range(2):
+        step(m, model, opt, ref_batch)
+        step(ref_m, ref, ref_opt, ref_batch)
+    got, want = dict(model.named_parameters()), dict(ref.named_parameters())
+    for k in got:
+        assert got[k].dtype == torch.float64
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+    assert extra_params(m).dtype == torch.float64       # (DMC's theta_init 0.1 was rounded
+    torch.testing.assert_close(extra_params(m), extra_params(ref_m),   # to float32 at attach)
+                               rtol=1e-7 if name == "dmc" else 1e-12, atol=1e-12)

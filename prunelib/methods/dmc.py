@@ -35,7 +35,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import HParam, Method, register
-from .structures import Structures, mac_model
+from .structures import Structures, mac_model, mac_to
 
 
 def ste_step(theta: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,11 @@ class DMC(Method):
         self.mac = mac_model(model, self.all_groups, ex, dev)
         budget = self.ctx.extra.get("budget")
         self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
-        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev))
-        self.st.install(model, self.theta, ste_step)
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev,
+                                             dtype=dtype))
+        self.st.install(model, self.theta, ste_step,
+                        lambda ref: mac_to(self.mac, ref.device))   # the model moved
         return model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -92,7 +95,7 @@ class DMC(Method):
         return torch.log(torch.clamp(t, min=goal) / goal)
 
     def loss_term(self, model: nn.Module) -> torch.Tensor:
-        return (self.lam * self.resource()).float()
+        return (self.lam * self.resource()).to(self.theta.dtype)
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """theta of every gated channel (gate on iff > 0)."""

@@ -50,7 +50,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import Context, HParam, Method, register
-from .structures import Structures, mac_model
+from .structures import Structures, mac_model, mac_to
 
 
 def smoothed_l0(theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,12 +96,20 @@ class GDP(Method):
         self.mac = mac_model(model, self.all_groups, ex, dev)
         budget = self.ctx.extra.get("budget")
         self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
-        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev))
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev,
+                                             dtype=dtype))
         self.dead = torch.zeros(self.st.n, dtype=torch.bool, device=dev)    # theta = 0 for good
         self._prev = self.theta.detach().clone()
         self.eps, self.step, self._total = self.eps_start, 0, self.anneal_steps
-        self.st.install(model, self.theta, lambda t: smoothed_l0(t, self.eps))
+        self.st.install(model, self.theta, lambda t: smoothed_l0(t, self.eps), self._moved)
         return model
+
+    def _moved(self, ref: torch.Tensor) -> None:
+        """The model moved after attach: the gate state and the MACs model follow it."""
+        self.dead = self.dead.to(ref.device)
+        self._prev = self._prev.to(ref.device, ref.dtype)
+        mac_to(self.mac, ref.device)
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
         if self.anneal_steps is None and ctx.epochs > 0:
@@ -123,7 +131,7 @@ class GDP(Method):
     def loss_term(self, model: nn.Module) -> torch.Tensor:
         """lam * max(F(g) / F_0 - p, 0) with the bilinear F of the current gates."""
         ratio = self.st.soft_macs(self.mac, smoothed_l0(self.theta, self.eps)) / self.mac.dense
-        return (self.lam * torch.relu(ratio - self.target)).float()
+        return (self.lam * torch.relu(ratio - self.target)).to(self.theta.dtype)
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:

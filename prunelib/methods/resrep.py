@@ -46,6 +46,7 @@ from ..graph import ChannelGroup
 from ..select import Budget, MacModel, min_keep_count, select_keep
 from ..surgery import remove_channels
 from .base import Context, HParam, Method, register
+from .structures import follow_model
 
 CONVERSION_EPS = 1e-5           # official CONVERSION_EPSILON: rows below it are removed
 
@@ -94,13 +95,22 @@ class ResRep(Method):
                 continue
             self.comp.append((g, convs[0].module, bns[0].module))
         dev = next(model.parameters()).device
-        self.Q = [nn.Parameter(torch.eye(g.size, device=dev)) for g, _, _ in self.comp]
-        self.mask = [torch.ones(g.size, device=dev) for g, _, _ in self.comp]
-        self._handles = []
-        for q, (_, _, bn) in zip(self.Q, self.comp):
-            def compact(_m: nn.Module, _a: tuple, out: torch.Tensor,
-                        q: nn.Parameter = q) -> torch.Tensor:
-                return F.conv2d(out, q[:, :, None, None])         # (N, D, H, W) -> same
+        sizes = [g.size for g, _, _ in self.comp]
+        k, d = len(sizes), max(sizes, default=1)
+        # every compactor Q_k is the (D_k, D_k) corner of one zero-padded tensor P (K, D, D):
+        # the per-step gradient edit is then one batched computation for all of them
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.P = nn.Parameter(torch.zeros(k, d, d, device=dev, dtype=dtype))
+        self.M = torch.zeros(k, d, device=dev, dtype=dtype)     # row masks; padding rows 0
+        with torch.no_grad():
+            for i, n in enumerate(sizes):
+                self.P[i, :n, :n] = torch.eye(n, device=dev, dtype=dtype)
+                self.M[i, :n] = 1.0
+        self._handles = [("", follow_model(model, self._moved))]
+        for i, (g, _, bn) in enumerate(self.comp):
+            def compact(_m: nn.Module, _a: tuple, out: torch.Tensor, i: int = i,
+                        n: int = g.size) -> torch.Tensor:
+                return F.conv2d(out, self.P[i, :n, :n, None, None])    # (N, D, H, W) -> same
             h = model.get_submodule(bn).register_forward_hook(compact)
             self._handles.append((bn, h.id))
         ex = self.ctx.example_inputs if self.ctx is not None else None
@@ -111,11 +121,26 @@ class ResRep(Method):
         self.mask_updates = 0
         return model
 
+    def _moved(self, ref: torch.Tensor) -> None:
+        """The model moved after attach: the compactors and their masks follow it."""
+        self.P.data = self.P.data.to(ref.device, ref.dtype)
+        self.M = self.M.to(ref.device, ref.dtype)
+
+    @property
+    def Q(self) -> list[torch.Tensor]:
+        """The compactors, views (D_k, D_k) of P (in-place edits change P)."""
+        return [self.P[i, :g.size, :g.size] for i, (g, _, _) in enumerate(self.comp)]
+
+    @property
+    def mask(self) -> list[torch.Tensor]:
+        """The row masks m_k (D_k,), views of M."""
+        return [self.M[i, :g.size] for i, (g, _, _) in enumerate(self.comp)]
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """The model's parameters with the run's settings; compactors: momentum 0.99, no wd."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
                  "weight_decay": weight_decay},
-                {"params": list(self.Q), "lr": lr, "weight_decay": 0.0,
+                {"params": [self.P], "lr": lr, "weight_decay": 0.0,
                  "momentum": self.compactor_momentum}]
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
@@ -125,12 +150,13 @@ class ResRep(Method):
     # -- training ----------------------------------------------------------------------------
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
-        """G(Q) = m (.) dL/dQ + lam Q_i / ||Q_i|| for every compactor (rows at once)."""
-        for q, m in zip(self.Q, self.mask):
-            if q.grad is None:
-                q.grad = torch.zeros_like(q)
-            q.grad.mul_(m[:, None]).add_(
-                q / q.norm(dim=1, keepdim=True).clamp_min(1e-12), alpha=self.lam)
+        """G(Q) = m (.) dL/dQ + lam Q_i / ||Q_i|| for all compactors at once (the zero padding
+        of P has zero gradient, mask and norm: it stays 0)."""
+        p = self.P
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(self.M[:, :, None]).add_(
+            p / p.norm(dim=2, keepdim=True).clamp_min(1e-12), alpha=self.lam)   # (K, D, D)
 
     def after_step(self, model: nn.Module) -> None:
         self.step += 1
@@ -176,9 +202,11 @@ class ResRep(Method):
         n = full
         if float(self._macmodel.ratio(cur)) > self.target + 1e-9:
             n = min(full, n_masked + self.granularity)
-        for k, m in enumerate(self.mask):
-            m.fill_(1.0)
-            m[channel[:n][owner[:n] == k].to(m.device)] = 0.0
+        new = torch.zeros(self.M.shape, dtype=self.M.dtype)
+        for k, (g, _, _) in enumerate(self.comp):
+            new[k, :g.size] = 1.0
+        new[owner[:n], channel[:n]] = 0.0
+        self.M.copy_(new)
         self.target_reached = n == full and len(ok) > 0
         self.mask_updates += 1
 
@@ -192,7 +220,9 @@ class ResRep(Method):
         same function; no channel removed)."""
         small = copy.deepcopy(model)
         for name, hid in self._handles:
-            small.get_submodule(name)._forward_hooks.pop(hid, None)
+            mod = small.get_submodule(name)
+            mod._forward_hooks.pop(hid, None)
+            mod._forward_pre_hooks.pop(hid, None)
         with torch.no_grad():
             for q, (_, conv_name, bn_name) in zip(self.Q, self.comp):
                 merge_(small.get_submodule(conv_name), small.get_submodule(bn_name), q.detach())

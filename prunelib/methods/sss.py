@@ -70,14 +70,19 @@ class SSS(Method):
         model = super().attach(model, groups)
         ex = self.ctx.example_inputs if self.ctx is not None else None
         self.st = Structures(model, self.groups, self.structure, ex, self.owner())
-        dev = next(model.parameters()).device
-        self.lam = nn.Parameter(torch.full((self.st.n,), self.lam_init, device=dev))  # (n,)
+        ref = next(p for p in model.parameters() if p.is_floating_point())
+        self.lam = nn.Parameter(torch.full((self.st.n,), self.lam_init, device=ref.device,
+                                           dtype=ref.dtype))                        # (n,)
         self.v = torch.zeros_like(self.lam, requires_grad=False)                     # (n,)
         self._g: torch.Tensor | None = None
         self._pgroup = {"params": [self.lam], "lr": self.ctx.lr if self.ctx else 0.01,
                         "weight_decay": 0.0, "momentum": 0.0, "nesterov": False}
-        self.st.install(model, self.lam, lambda t: t)
+        self.st.install(model, self.lam, lambda t: t, self._moved)
         return model
+
+    def _moved(self, ref: torch.Tensor) -> None:
+        """The model moved after attach: the momentum v follows lambda."""
+        self.v = self.v.to(ref.device, ref.dtype)
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """Model parameters with the run's weight decay; lambda in a group of its own (no

@@ -54,9 +54,28 @@ def fold_(mod: nn.Module, f: torch.Tensor) -> None:
 def mac_model(model: nn.Module, groups: list[ChannelGroup], example_inputs: torch.Tensor,
               device: torch.device) -> MacModel:
     """`select.MacModel` of `model` with its tensors on `device` (for a per-step MACs term)."""
-    mac = MacModel(model, groups, example_inputs)
+    return mac_to(MacModel(model, groups, example_inputs), device)
+
+
+def mac_to(mac: MacModel, device: torch.device) -> MacModel:
+    """`mac` with its (float64) tensors moved to `device`, in place."""
     mac.a, mac.d, mac.inc = mac.a.to(device), mac.d.to(device), mac.inc.to(device)
     return mac
+
+
+def follow_model(model: nn.Module, move: Callable[[torch.Tensor], None]) -> int:
+    """Register a forward pre-hook that calls move(ref) when the model's first floating-point
+    parameter `ref` has changed device or dtype since the last forward (the model was moved
+    after attach, e.g. `.cuda()`, `.double()`); one attribute comparison per forward, no
+    device sync. Returns the hook's id. Register it before the hooks that use the state."""
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    seen = [ref.device, ref.dtype]
+
+    def pre(_mod: nn.Module, _args: tuple) -> None:
+        if ref.device != seen[0] or ref.dtype != seen[1]:
+            seen[:] = [ref.device, ref.dtype]
+            move(ref)
+    return model.register_forward_pre_hook(pre).id
 
 
 class Structures:
@@ -87,6 +106,7 @@ class Structures:
         self.branches = branches
         self.slices: dict[int, slice] = {}
         self._bn_index: dict[str, torch.Tensor] = {}   # BN module -> (C,) index into theta ext.
+        self.group_of = torch.zeros(0, dtype=torch.long)   # (n,) group of each channel factor
         if self.kind == "blocks":
             bad = [b.end for b in branches if not foldable(model.get_submodule(b.end))]
             if bad:
@@ -120,20 +140,32 @@ class Structures:
         the bilinear cost sum_layers a * d_out(f) * d_in(f) of `select.MacModel`, with
         d = dense width - sum over the layer's channels of (1 - f_c). Exact for 0/1 factors;
         differentiable in f. `mac` must be built on the model and all its groups."""
-        if self.group_of.device != f.device:           # once: the index lives on f's device
-            self.group_of = self.group_of.to(f.device)
         removed = torch.zeros(mac.inc.shape[0], dtype=torch.float64, device=f.device)
         removed = removed.index_add(0, self.group_of, (1 - f).to(torch.float64))    # (groups,)
         return mac.macs(removed)
 
     # -- hooks ---------------------------------------------------------------------------------
     def install(self, model: nn.Module, theta: torch.Tensor,
-                fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Scale the structures of `model` by fn(theta) in every forward from now on."""
-        dev = theta.device
+                fn: Callable[[torch.Tensor], torch.Tensor],
+                on_move: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Scale the structures of `model` by fn(theta) in every forward from now on.
+
+        theta, the index tensors and (through `on_move(ref)`) the method's own state follow
+        the model when it is moved to another device or dtype after attach (`follow_model`).
+        """
         self._handles: list[tuple[str, int]] = []
+        self._idx = {name: idx.to(theta.device) for name, idx in self._bn_index.items()}
+        self.group_of = self.group_of.to(theta.device)
         state: dict[str, torch.Tensor] = {}
         channels = self.kind == "channels"
+
+        def moved(ref: torch.Tensor) -> None:
+            theta.data = theta.data.to(ref.device, ref.dtype)
+            self._idx = {k: v.to(ref.device) for k, v in self._idx.items()}
+            self.group_of = self.group_of.to(ref.device)
+            if on_move is not None:
+                on_move(ref)
+        self._handles.append(("", follow_model(model, moved)))
 
         def pre(_mod: nn.Module, _args: tuple) -> None:
             f = fn(theta)                                                    # (n,)
@@ -141,12 +173,10 @@ class Structures:
         h = model.register_forward_pre_hook(pre)
         self._handles.append(("", h.id))
         if channels:
-            for name, idx in self._bn_index.items():
-                idx = idx.to(dev)
-
+            for name in self._bn_index:
                 def scale(_mod: nn.Module, _args: tuple, out: torch.Tensor,
-                          idx: torch.Tensor = idx) -> torch.Tensor:
-                    f = state["f"].index_select(0, idx)                      # (C,)
+                          name: str = name) -> torch.Tensor:
+                    f = state["f"].index_select(0, self._idx[name])          # (C,)
                     return out * f.view(1, -1, *[1] * (out.dim() - 2))
                 h = model.get_submodule(name).register_forward_hook(scale)
                 self._handles.append((name, h.id))

@@ -153,3 +153,33 @@ def test_other_architectures():
     silence(tv, ["layer2.1.bn2", "layer4.0.bn2"])
     with torch.no_grad():
         torch.testing.assert_close(pl.remove_branches(tv, found[3:7:3])(x), tv(x))
+
+
+class RootResidual(nn.Module):
+    """A residual add in the model's own forward (the block is the root)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = x + self.branch(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_branch_of_the_root_forward_is_removed_and_round_trips(tmp_path):
+    model, x = RootResidual().eval(), torch.randn(2, 3, 8, 8)
+    assert pl.residual_branches(model, x) == [pl.Branch("", "branch.1",
+                                                        ("branch.0", "branch.1"))]
+    silence(model, ["branch.1"])
+    small = pl.remove_branches(model, ["branch.1"])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+    assert pl.count(small, x)[0] == 3 * 8 * 9 * 64 + 8 * 2
+    pl.save_pruned(small, tmp_path / "r.pt")
+    loaded, _ = pl.load_pruned(RootResidual(), tmp_path / "r.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)

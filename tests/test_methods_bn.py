@@ -361,6 +361,25 @@ def test_scp_channel_mask_is_what_the_forward_pass_multiplies_by(device):
         meth.channel_mask(plain, y_plain)
 
 
+def test_scp_masks_made_once_per_forward_equal_those_of_a_bn_called_alone(device):
+    x = torch.randn(4, 3, 16, 16, device=device)
+    model = tiny()
+    randomize_bn(model)
+    meth, model, _ = setup("scp", model, x, device)
+    bn = model[4].train()
+    seen = {}
+    bn.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), y=o))
+    model(x)                                             # masks of all BNs made at once
+    inside = seen["y"]
+    alone = bn(seen["x"])                                # its own mask, outside the forward
+    assert alone.grad_fn is not inside.grad_fn
+    torch.testing.assert_close(alone, inside, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(inside.pow(2).sum(), [bn.weight, bn.bias]),
+                    torch.autograd.grad(alone.pow(2).sum(), [bn.weight, bn.bias])):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_scp_sparsity_term_is_lam_times_expected_active_channels(device):
     x = torch.randn(2, 3, 16, 16, device=device)
     meth, model, _ = setup("scp", tiny(4), x, device, lam=0.5)

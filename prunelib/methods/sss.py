@@ -121,6 +121,7 @@ class SSS(Method):
         """Fold lambda into the weights and remove the structures with lambda = 0 (and, with a
         budget, the next-lowest ones); a plain, smaller copy of `model`."""
         lam = self.lam.detach()
+        self.lambda_zeros = int((lam == 0).sum())          # recorded by hparams()
         small = self.st.plain(model, lam)
         if self.st.kind == "blocks":
             small, self.target_reached = self.st.remove_blocks(small, lam, lam, budget)

@@ -95,6 +95,7 @@ class DMC(Method):
         return torch.log(torch.clamp(t, min=goal) / goal)
 
     def loss_term(self, model: nn.Module) -> torch.Tensor:
+        """lam * log(max(T(g), p T_0) / (p T_0)), its gradient reaching theta through the STE."""
         return (self.lam * self.resource()).to(self.theta.dtype)
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:

@@ -159,6 +159,7 @@ class ResRep(Method):
             p / p.norm(dim=2, keepdim=True).clamp_min(1e-12), alpha=self.lam)   # (K, D, D)
 
     def after_step(self, model: nn.Module) -> None:
+        """After the warm-up, every `mask_interval` steps: `update_masks`."""
         self.step += 1
         start = math.ceil(self.warmup * self._total)
         if self.step >= start and (self.step - start) % self.mask_interval == 0:

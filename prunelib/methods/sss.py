@@ -93,6 +93,8 @@ class SSS(Method):
                  "weight_decay": weight_decay}, self._pgroup]
 
     def after_backward(self, model: nn.Module) -> None:
+        """g = dL/dlambda is taken off lambda (kept for the APG step; the optimizer skips a
+        parameter without a gradient)."""
         self._g, self.lam.grad = self.lam.grad, None
 
     @torch.no_grad()

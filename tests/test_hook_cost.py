@@ -2,6 +2,7 @@
 of tensor operations whatever the number of channel groups (one batched computation over all
 groups, no Python loop over them), and no operation that reads a tensor value back to the host
 (`.item()`, `float(t)`, `if t:`, boolean-mask indexing): such a read stalls a CUDA stream."""
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -59,28 +60,20 @@ def step(m, model, opt, batch, record: Ops | None = None, hooks_only: bool = Fal
     """One training step; `record` sees the hooks (and the rest unless `hooks_only`)."""
     x, y = batch
     whole = record if record is not None and not hooks_only else None
-    with whole or _nothing():
+    with whole or nullcontext():
         loss = F.cross_entropy(model(x), y)
-    with record or _nothing():
+    with record or nullcontext():
         term = m.loss_term(model)
-    with whole or _nothing():
+    with whole or nullcontext():
         loss = loss if term is None else loss + term
         opt.zero_grad(set_to_none=True)
         loss.backward()
-    with record or _nothing():
+    with record or nullcontext():
         m.after_backward(model)
-    with whole or _nothing():
+    with whole or nullcontext():
         opt.step()
-    with record or _nothing():
+    with record or nullcontext():
         m.after_step(model)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("name", sorted(HOOKED))

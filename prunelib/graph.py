@@ -37,10 +37,24 @@ over space, ...) are frozen: never in a group; so are the operands of an op with
 know raises `UnsupportedOpError` naming the node; `register_op` tells us what it does. Every
 entry of the op table has a numerical test (tests/test_guarantees_graph.py). A slice that keeps
 a whole channel dim (GhostNet's `cat(...)[:, :out_chs]` when out_chs is the full width) stays
-whole in the pruned model and is not a literal index. `channel_groups` returns a `GroupList`
-whose `frozen` names, for every frozen channel, the op that froze it first (with the module it
-sits in), so a listing says why a layer cannot shrink; a module torch.fx cannot trace (Python
-control flow on tensor values) is an UnsupportedOpError naming it (`register_op` makes it a leaf).
+whole in the pruned model and is not a literal index.
+
+A size read along a channel dim (x.shape[1], x.size(1), x.size() or x.shape indexed or unpacked,
+x.numel()) is followed through integer arithmetic (`_Size`: q times a channel count, or opaque).
+Where it is used (slice bounds, narrow / split sizes, view / reshape / expand / zeros sizes,
+repeat counts, pad widths, a scalar factor, the model's output), the pruned model would compute
+another value, so its channels are frozen (listed as "<op>, a size read from channels"), except
+in two uses that are exact: a view / reshape / expand / unflatten size that stays equal to the
+width of the output dim it gives (each channel there appears q times as often as in the dim it
+was read from: x.view(x.size(0), x.size(1), -1), a channel shuffle by x.size(), the size of a
+tensor coupled with the one it shapes), and a slice [:n] whose n stays >= the width of its dim
+(x[:, :x.shape[1]]). The size of a dim without prunable channels (batch, spatial, frozen) is a
+literal.
+
+`channel_groups` returns a `GroupList` whose `frozen` names, for every frozen channel, the op
+that froze it first (with the module it sits in), so a listing says why a layer cannot shrink; a
+module torch.fx cannot trace (Python control flow on tensor values) is an UnsupportedOpError
+naming it (`register_op` makes it a leaf).
 
 `example_inputs` must be a batch (batch dimension first; size 1 is fine): ValueError otherwise.
 """
@@ -48,6 +62,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
@@ -402,6 +417,11 @@ class _Tracer:
         self.made: list[tuple[str, np.ndarray]] = []   # frozen outputs of unsliceable layers
         self.slots: dict[tuple[str, str, int], dict] = {}
         self.inputs = example_inputs
+        self.sizes: dict[fx.Node, Any] = {}     # size values that depend on channels (_Size)
+        self.exact: set[int] = set()            # the _Dyn uses of the current node found exact
+        self.nargs: Any = ()                    # node args / kwargs as the literal rules see them
+        self.nkw: dict = {}
+        self.dyn: list[_Dyn] = []               # the sizes that depend on channels it uses
 
     # slots ---------------------------------------------------------------------------------------
     def slot(self, module: str, param: str, dim: int, ids: np.ndarray, role: str, kind: str,
@@ -488,6 +508,7 @@ class _Tracer:
                 last_use[a] = node
         env: dict[fx.Node, Any] = {}
         codes: dict[fx.Node, Any] = {}
+        self.env = env
         inputs = iter(self.inputs)
         for node in gm.graph.nodes:
             args = fx.node.map_arg(node.args, lambda n: env[n])
@@ -506,6 +527,8 @@ class _Tracer:
                 code = self.attr_code(node.target, real)
             elif node.op == "output":
                 self.freeze_code(cargs)
+                self.literal_args(node)               # sizes returned: their channels stay
+                self.freeze_sizes()
                 break
             else:
                 real, code = self.call(node, args, kwargs, cargs, ckw)
@@ -546,6 +569,15 @@ class _Tracer:
         return _enc(torch.from_numpy(ids).reshape(shape), True).expand(t.shape)
 
     def call(self, node: fx.Node, args: tuple, kwargs: dict, cargs: tuple, ckw: dict):
+        """Run one node on values and codes. Sizes that depend on channels (`_Size`) are
+        followed through arithmetic; every other use of one freezes the channels it was read
+        from, unless the op's handler found the use exact (`self.exact`)."""
+        self.literal_args(node)
+        real, code = self._call(node, args, kwargs, cargs, ckw)
+        self.freeze_sizes()
+        return real, code
+
+    def _call(self, node: fx.Node, args: tuple, kwargs: dict, cargs: tuple, ckw: dict):
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
             check_batched(node.target, mod, args[0] if args else None, "channel_groups")
@@ -559,6 +591,9 @@ class _Tracer:
             real = fn(*args, **kwargs)
             name = getattr(fn, "__name__", str(fn))
         if not _tensors(args) and not _tensors(kwargs):
+            if self.dyn and not _tensors(real):       # arithmetic on sizes: followed
+                self.sizes[node] = self.size_arith(name, real)
+                self.exact.update(id(d) for d in self.dyn)
             return real, _const_like(real)
         kind = _op_kind(name)
         if kind is None:
@@ -566,14 +601,141 @@ class _Tracer:
                 f"channel_groups cannot follow channels through {node.op} {name!r} "
                 f"(node '{node.name}'){_inside(node)}. If it does not mix channels, declare "
                 f"what it does with prunelib.graph.register_op({name!r}, kind) before tracing.")
+        if name == "getattr" and args[1] == "shape" and isinstance(args[0], torch.Tensor):
+            self.read_size(node, cargs[0], None)
+            return real, None
         if name == "getattr":
             return real, self.tensor_attr(args, cargs, real)
+        if name in ("size", "numel") and isinstance(args[0], torch.Tensor):
+            d = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            self.read_size(node, cargs[0], "numel" if name == "numel" else d)
         if kind == "meta" or not _tensors(real):            # sizes, dtypes, x.type() -> str
             return real, None
         if kind == "weighted":
             return real, self.weighted(name, node, real, args, kwargs, cargs, ckw)
         kind = _refine(name, kind, args, kwargs, None)
         return real, self.apply(kind, name, node, real, args, kwargs, cargs, ckw)
+
+    # sizes read from channel dims --------------------------------------------------------------
+    def classes(self, ids: Any) -> np.ndarray:
+        """The class (union-find root) of each id; -1 for positions that no pruning removes:
+        constants (id -1) and frozen channels. Pure: the union-find is not changed."""
+        ids = np.asarray(ids, dtype=np.int64)
+        p = np.asarray(self.uf.parent, dtype=np.int64)
+        if not len(p):
+            return np.full(ids.shape, -1, dtype=np.int64)
+        while not np.array_equal(p[p], p):
+            p = p[p]
+        fixed = np.zeros(len(p), dtype=bool)
+        if self.frozen:
+            fixed[p[np.concatenate(self.frozen)]] = True
+        r = p[np.maximum(ids, 0)]
+        return np.where((ids < 0) | fixed[r], -1, r)
+
+    def dim_classes(self, code: torch.Tensor, d: int) -> np.ndarray | None:
+        """The class of each position along dim `d` of `code`, or None when a position holds
+        elements of several classes (its size then follows no single channel)."""
+        c = _squeeze_broadcast(code, keep=d).movedim(d, 0)
+        cl = self.classes(_ids(c).reshape(c.shape[0], -1).numpy())
+        return cl[:, 0] if bool((cl.min(1) == cl.max(1)).all()) else None
+
+    def read_size(self, node: fx.Node, code: torch.Tensor, d: int | str | None) -> None:
+        """x.size(d), x.size() / x.shape (d None: one entry per dim), x.numel() ('numel'): record
+        in `self.sizes` what the value depends on. A dim whose positions are all constants or
+        frozen channels has a fixed size (nothing recorded: it acts as a literal); otherwise the
+        size is q * (number of positions) of those channels (`_Size`), or opaque when a position
+        mixes classes or (numel) several dims carry channels."""
+        def one(e: int) -> _Size | None:
+            if e not in varying:                      # no channel changes along it: fixed
+                return None
+            cl = self.dim_classes(code, e)
+            if cl is None:                            # opaque: all of x's channels
+                return _Size(torch.unique(_ids(_squeeze_broadcast(code))).numpy(), None)
+            return _Size(cl, Fraction(1)) if (cl >= 0).any() else None
+        if not isinstance(code, torch.Tensor) or code.dim() == 0:
+            return
+        varying = _varying_dims(code)
+        if d is None:
+            forms = tuple(one(e) for e in range(code.dim()))
+            if any(f is not None for f in forms):
+                self.sizes[node] = forms
+            return
+        if d != "numel":
+            form = one(d % code.dim())
+        else:
+            forms = [(e, one(e)) for e in range(code.dim())]
+            forms = [(e, f) for e, f in forms if f is not None]
+            if len(forms) > 1:
+                form = _Size(np.concatenate([f.ids for _, f in forms]), None)
+            else:
+                form = forms[0][1] if forms else None
+                if form is not None and form.q is not None:
+                    form = _Size(form.ids, Fraction(code.numel(), code.shape[forms[0][0]]))
+        if form is not None:
+            self.sizes[node] = form
+
+    def literal_args(self, node: fx.Node) -> None:
+        """`node`'s args and kwargs as the literal rules see them (`self.nargs`, `self.nkw`):
+        a size value that no pruning changes is its value (a literal); one that depends on
+        channels is a `_Dyn` (torch.Size / tuples element-wise), listed in `self.dyn`; other
+        nodes (tensors) stay nodes."""
+        self.dyn = []
+        self.exact = set()
+
+        def sub(n: fx.Node) -> Any:
+            v, form = self.env.get(n), self.sizes.get(n)
+            if form is None:
+                return n if _tensors(v) else v
+            if isinstance(form, tuple):
+                out = tuple(e if f is None else _Dyn(f, e) for e, f in zip(v, form))
+                self.dyn.extend(e for e in out if isinstance(e, _Dyn))
+                return out
+            self.dyn.append(_Dyn(form, v))
+            return self.dyn[-1]
+        self.nargs = fx.node.map_arg(node.args, sub)
+        self.nkw = fx.node.map_arg(node.kwargs, sub)
+
+    def freeze_sizes(self) -> None:
+        """Freeze the channels behind every size the current node used in a way not found
+        exact: the pruned model would compute another value there."""
+        where = self.where
+        self.where += ", a size read from channels"
+        for d in self.dyn:
+            if id(d) not in self.exact:
+                self.freeze(d.form.ids)
+        self.where = where
+
+    def size_arith(self, name: str, real: Any) -> Any:
+        """The dependence of the result of arithmetic on sizes: indexing a torch.Size, a size
+        times or floor-divided by a literal int keep it a multiple of a channel count; any other
+        combination is opaque (its uses freeze the channels it was read from)."""
+        a = self.nargs
+        if name == "getitem" and isinstance(a[0], tuple) and isinstance(a[1], (int, slice)):
+            part = a[0][a[1]]
+            if isinstance(part, tuple):
+                forms = tuple(e.form if isinstance(e, _Dyn) else None for e in part)
+                return forms if any(f is not None for f in forms) else None
+            return part.form if isinstance(part, _Dyn) else None
+        if name == "add" and isinstance(real, tuple) and all(isinstance(e, tuple) for e in a):
+            return tuple(e.form if isinstance(e, _Dyn) else None for e in a[0] + a[1])
+        if name in ("mul", "floordiv") and len(a) == 2 and len(self.dyn) == 1:
+            (d,) = self.dyn
+            k = a[1] if a[0] is d else a[0] if name == "mul" else None
+            if d.form.q is not None and isinstance(k, int) and not isinstance(k, bool) and k:
+                return _Size(d.form.ids, d.form.q * k if name == "mul" else d.form.q / k)
+        return _Size(np.concatenate([d.form.ids for d in self.dyn]), None)
+
+    def follows(self, d: Any, cl: np.ndarray | None, at_least: bool = False) -> bool:
+        """True when size `d` (a _Dyn) stays equal, in every pruned model, to the number of
+        positions with classes `cl` (at_least: stays >= it): it is q times a channel count and
+        each class appears q times as often there as in the dim it was read from."""
+        if not isinstance(d, _Dyn) or d.form.q is None or cl is None:
+            return False
+        cs = dict(zip(*np.unique(self.classes(d.form.ids), return_counts=True)))
+        ck = dict(zip(*np.unique(cl, return_counts=True)))
+        if at_least:
+            return all(d.form.q * cs.get(r, 0) >= n for r, n in ck.items())
+        return cs.keys() == ck.keys() and all(d.form.q * cs[r] == ck[r] for r in cs)
 
     def tensor_attr(self, args: tuple, cargs: tuple, real: Any) -> Any:
         """getattr(owner, attr): T / mT / H / mH / data of a tensor only move data (replayed on
@@ -617,7 +779,32 @@ class _Tracer:
 
     def replay(self, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
                cargs: tuple, ckw: dict) -> Any:
-        return _map_tensors(self._replay(name, node, real, args, kwargs, cargs, ckw), _compress)
+        """`_replay`, then the sizes given to view / reshape / expand / unflatten that pruning
+        may change: exact when each stays equal to the size of the output dim it gives (the
+        output's channels there are those it was read from, `follows`); the others act as the
+        literals they are in the pruned model: the literal rules run again with their values
+        (and `freeze_sizes` freezes the channels they were read from)."""
+        out = _map_tensors(self._replay(name, node, real, args, kwargs, cargs, ckw), _compress)
+        if not self.dyn or name not in ("view", "reshape", "expand", "unflatten", "Unflatten") \
+                or not isinstance(out, torch.Tensor) or not isinstance(cargs[0], torch.Tensor):
+            return out
+        mod = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        sizes, first = self.shape_args(name, mod, cargs[0])
+        bad = set()
+        for k, v in enumerate(sizes):
+            if isinstance(v, _Dyn):
+                if self.follows(v, self.dim_classes(out, first + k)):
+                    self.exact.add(id(v))
+                else:
+                    bad.add(id(v))
+        if bad:
+            def lit(v: Any) -> Any:
+                if isinstance(v, (list, tuple)):
+                    return type(v)(lit(e) for e in v)
+                return v.value if isinstance(v, _Dyn) and id(v) in bad else v
+            self.nargs, self.nkw = lit(self.nargs), {k: lit(v) for k, v in self.nkw.items()}
+            self.literal_rules(name, node, cargs[0], args, kwargs, real)
+        return out
 
     def _replay(self, name: str, node: fx.Node, real: Any, args: tuple, kwargs: dict,
                 cargs: tuple, ckw: dict) -> Any:
@@ -716,9 +903,9 @@ class _Tracer:
             return arg(pos, "dim", default) % x.dim()
         if name == "getitem":
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-            lit = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-            idx = tuple(_Derived() if isinstance(e, slice) and not _literal(f) else e
-                        for e, f in zip(idx, lit))
+            lit = self.nargs[1] if isinstance(self.nargs[1], tuple) else (self.nargs[1],)
+            idx = tuple(self.derived_slice(x, e, f, d) if isinstance(e, slice) else e
+                        for e, f, d in zip(idx, lit, _index_dims(idx, x.dim())))
             if any(d in varying for d in _indexed_dims(idx, tuple(x.shape))):
                 self.freeze_code(x)
         elif name in ("narrow", "select", "index_select", "unbind"):
@@ -750,25 +937,49 @@ class _Tracer:
                 for k in range(1, r * r):
                     self.uf.union_arrays(blocks[:, 0], blocks[:, k])
         elif name == "expand":                        # a literal size of a channel dim
-            sizes = node.args[1:] if len(node.args) > 2 or not isinstance(
-                node.args[1], (list, tuple)) else node.args[1]
+            sizes, _ = self.shape_args(name, mod, x)
             lead = len(sizes) - x.dim()
             if any(isinstance(sizes[lead + d], int) and sizes[lead + d] != -1
                    for d in varying):
                 self.freeze_code(x)
         elif name in ("view", "reshape"):
-            sizes = node.args[1:] if len(node.args) > 2 or not isinstance(
-                node.args[1], (list, tuple)) else node.args[1]
-            self.split_rule(x, varying, list(sizes), real.shape)
+            self.split_rule(x, varying, list(self.shape_args(name, mod, x)[0]), real.shape)
         elif name in ("unflatten", "Unflatten"):
-            if mod is not None:
-                d, sizes = mod.dim, mod.unflattened_size
-            else:
-                d = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-                sizes = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
-            d %= x.dim()
+            sizes, d = self.shape_args(name, mod, x)
             self.split_rule(x, varying, [-1] * d + list(sizes) + [-1] * (x.dim() - d - 1),
                             real.shape)
+
+    def shape_args(self, name: str, mod: nn.Module | None, x: torch.Tensor) -> tuple[list, int]:
+        """The sizes given to view / reshape / expand / unflatten (as `literal_args` sees them:
+        literals, or _Dyn for sizes pruning may change) and the output dim of the first one."""
+        a, kw = self.nargs, self.nkw
+        if name in ("unflatten", "Unflatten"):
+            if mod is not None:
+                return list(mod.unflattened_size), mod.dim % x.dim()
+            d = kw.get("dim", a[1] if len(a) > 1 else None)
+            return list(kw.get("sizes", a[2] if len(a) > 2 else None)), d % x.dim()
+        if "size" in kw or "shape" in kw:
+            return list(kw.get("size", kw.get("shape"))), 0
+        return list(a[1:] if len(a) > 2 or not isinstance(a[1], (list, tuple)) else a[1]), 0
+
+    def derived_slice(self, x: torch.Tensor, e: slice, f: Any, d: int | None) -> Any:
+        """A slice `e` of dim `d` of `x` whose bounds (`f`, as `literal_args` sees them) pruning
+        may change: it keeps the whole dim in every pruned model (and its sizes are exact uses)
+        when it is [:n] with n >= the dim's size for every choice of removed channels (x[:, :
+        x.shape[1]]); otherwise it restricts the dim (_Derived), and its sizes freeze the channels
+        they were read from. A slice with literal bounds is returned as it is."""
+        if not isinstance(f, slice):                     # bounds held in a tensor, ...
+            return _Derived()
+        parts = (f.start, f.stop, f.step)
+        if any(isinstance(v, fx.Node) for v in parts):
+            return _Derived()
+        if not any(isinstance(v, _Dyn) for v in parts):
+            return e
+        if d is not None and f.start in (None, 0) and f.step in (None, 1) and \
+                self.follows(f.stop, self.dim_classes(x, d), at_least=True):
+            self.exact.add(id(f.stop))
+            return slice(None)
+        return _Derived()
 
     def couple_shapes(self, codes: list[torch.Tensor], ndim: int, skip: int | None) -> None:
         """Inputs of cat (along dim `skip`) or stack (skip None) must keep equal sizes along
@@ -1220,11 +1431,37 @@ class _Derived:
     """An index computed from sizes at run time (not a literal): it restricts its dim."""
 
 
-def _literal(e: Any) -> bool:
-    """True when an fx argument holds no Node (its value is the same in the pruned model)."""
-    found: list[fx.Node] = []
-    fx.node.map_arg(e if not isinstance(e, slice) else (e.start, e.stop, e.step), found.append)
-    return not found
+@dataclass(frozen=True)
+class _Size:
+    """What a size value depends on: q * (number of positions along a dim whose channel classes
+    are `ids`; -1 marks positions no pruning removes), or, with q None, on channels `ids` in a
+    way we do not follow (any use freezes them)."""
+    ids: np.ndarray
+    q: Fraction | None
+
+
+@dataclass(eq=False)
+class _Dyn:
+    """A size value, in a node's arguments, that pruning may change: its `_Size` and value."""
+    form: _Size
+    value: Any
+
+
+def _span(e: Any) -> int:
+    """How many dims an index element covers: a bool mask as many as it has, others one."""
+    return e.dim() if isinstance(e, torch.Tensor) and e.dtype == torch.bool else 1
+
+
+def _index_dims(idx: tuple, ndim: int) -> list[int | None]:
+    """The dim of a tensor with `ndim` dims that each element of an index tuple indexes first
+    (None for None and Ellipsis)."""
+    n_real = sum(_span(e) for e in idx if e is not None and e is not Ellipsis)
+    out: list[int | None] = []
+    d = 0
+    for e in idx:
+        out.append(None if e is None or e is Ellipsis else d)
+        d += ndim - n_real if e is Ellipsis else 0 if e is None else _span(e)
+    return out
 
 
 def _indexed_dims(idx: tuple, shape: tuple[int, ...]) -> list[int]:
@@ -1232,21 +1469,9 @@ def _indexed_dims(idx: tuple, shape: tuple[int, ...]) -> list[int]:
     keeps every position in order (':', '0:n' or ':n' with n >= the size, which stays the whole
     dim when it shrinks: GhostNet's cat(...)[:, :out_chs]); a bool mask covers as many dims as
     it has."""
-    ndim = len(shape)
-    def span(e: Any) -> int:
-        return e.dim() if isinstance(e, torch.Tensor) and e.dtype == torch.bool else 1
-    out, d = [], 0
-    n_real = sum(span(e) for e in idx if e is not None and e is not Ellipsis)
-    for e in idx:
-        if e is Ellipsis:
-            d += ndim - n_real
-        elif e is None:
-            continue
-        else:
-            if not (isinstance(e, slice) and e.indices(shape[d]) == (0, shape[d], 1)):
-                out.extend(range(d, d + span(e)))
-            d += span(e)
-    return out
+    return [k for e, d in zip(idx, _index_dims(idx, len(shape))) if d is not None
+            and not (isinstance(e, slice) and e.indices(shape[d]) == (0, shape[d], 1))
+            for k in range(d, d + _span(e))]
 
 
 def _map_tensors(x: Any, fn) -> Any:
@@ -1303,34 +1528,39 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> GroupList:
     return tracer.groups()
 
 
-def bn_outputs(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, list[fx.Node]]]:
-    """Every BatchNorm computed in `gm`, a trace of `model`: (module name, the nodes that use
-    its output, looking past nn.Identity modules). A BatchNorm is a call of a BatchNorm module,
-    or a call of F.batch_norm on the weight of one: a BatchNorm subclass with its own forward
-    (timm's BatchNormAct2d: F.batch_norm, then its `drop` and `act` modules) is traced
+def bn_calls(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, fx.Node]]:
+    """Every BatchNorm computed in `gm`, a trace of `model`: (module name, the node that computes
+    it). A BatchNorm is a call of a BatchNorm module (a subclass too), or a call of F.batch_norm
+    whose weight (or, without one, running mean) is that of a BatchNorm module: a subclass with a
+    forward of its own (timm's BatchNormAct2d: F.batch_norm, then `drop` and `act`) is traced
     through."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                  nn.modules.batchnorm._BatchNorm):
+            found.append((str(node.target), node))
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "batch_norm":
+            for pos, key in ((3, "weight"), (1, "running_mean")):
+                a = node.kwargs.get(key, node.args[pos] if len(node.args) > pos else None)
+                owner = a.target.rpartition(".")[0] if isinstance(a, fx.Node) and \
+                    a.op == "get_attr" else None
+                if owner is not None and isinstance(model.get_submodule(owner),
+                                                    nn.modules.batchnorm._BatchNorm):
+                    found.append((owner, node))
+                    break
+    return found
+
+
+def bn_outputs(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, list[fx.Node]]]:
+    """Every BatchNorm computed in `gm` (`bn_calls`): (module name, the nodes that use its
+    output, looking past nn.Identity modules)."""
     def users(n: fx.Node) -> list[fx.Node]:
         out = []
         for u in n.users:
             skip = u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Identity)
             out += users(u) if skip else [u]
         return out
-    found = []
-    for node in gm.graph.nodes:
-        name = None
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
-                                                  nn.modules.batchnorm._BatchNorm):
-            name = str(node.target)
-        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "batch_norm":
-            w = node.kwargs.get("weight", node.args[3] if len(node.args) > 3 else None)
-            owner = w.target.rpartition(".")[0] if isinstance(w, fx.Node) and \
-                w.op == "get_attr" else None
-            if owner is not None and isinstance(model.get_submodule(owner),
-                                                nn.modules.batchnorm._BatchNorm):
-                name = owner
-        if name is not None:
-            found.append((name, users(node)))
-    return found
+    return [(name, users(node)) for name, node in bn_calls(gm, model)]
 
 
 def _is_leaf_with_channels(m: nn.Module) -> bool:

@@ -20,13 +20,20 @@ restore_bn_input_norms(model, reference)
 
     so (a_k x - a_k mu_k) / sqrt(var_k' + eps) = (x - mu_k) / sqrt(var_k + eps): the eval-mode
     output is unchanged exactly (in train mode BN uses batch statistics and is invariant anyway).
+    The rows are those of every ungrouped conv whose output only a BatchNorm reads
+    (`conv_bn_pairs`), a BatchNorm subclass with a forward of its own too (timm's
+    BatchNormAct2d); a BatchNorm it cannot pair is named by a warning, never skipped silently.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+
+from .graph import bn_calls
 
 __all__ = ["recalibrate_bn", "restore_bn_input_norms", "conv_bn_pairs"]
 
@@ -72,25 +79,64 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, n_batches: int = 20) -> 
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) module names where a Conv's output feeds only that BatchNorm (torch.fx).
+    """(conv, bn) module names where an ungrouped convolution's output feeds only that BatchNorm
+    (torch.fx). The BatchNorm is a module or subclass, called as a module or computed by
+    F.batch_norm on its own parameters (timm's BatchNormAct2d, `graph.bn_calls`); the
+    convolution is a conv module, called as a module or by F.conv1d/2d/3d on its own weight and
+    bias (timm's Conv2dSame).
 
-    Returns [] for a model torch.fx cannot trace (nothing is rescaled then).
+    Nothing is skipped silently: a model torch.fx cannot trace gives [] with a warning naming it,
+    and a BatchNorm module whose tensors forward reads but that is computed in no form above
+    (e.g. by hand) is named by a warning (it is left out of the pairs).
     """
     try:
         gm = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001  (untraceable user model: no pairs, nothing changed)
+    except Exception as e:  # noqa: BLE001  (untraceable user model: said, nothing paired)
+        warnings.warn(f"conv_bn_pairs: torch.fx cannot trace {type(model).__name__} "
+                      f"({type(e).__name__}: {str(e).strip()[:160]}); no conv -> BatchNorm "
+                      "pair found, so no conv row is rescaled")
         return []
-    mods = dict(gm.named_modules())
-    pairs = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), _BN):
-            continue
-        src = node.args[0] if node.args else None
-        if (isinstance(src, fx.Node) and src.op == "call_module"
-                and isinstance(mods.get(src.target), nn.modules.conv._ConvNd)
-                and len(src.users) == 1 and mods[src.target].groups == 1):
-            pairs.append((src.target, node.target))
+    pairs, seen = [], set()
+    for bn, node in bn_calls(gm, model):
+        seen.add(bn)
+        src = node.kwargs.get("input", node.args[0] if node.args else None)
+        conv = _conv_module(gm, src)
+        users = [u for u in src.users if not _meta(u)]      # x.shape / x.ndim reads: values
+        if conv is not None and users == [node] and model.get_submodule(conv).groups == 1:
+            pairs.append((conv, bn))                         # unchanged by the rescaling
+    read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    lost = [n for n, m in model.named_modules() if isinstance(m, _BN) and n in read - seen]
+    if lost:
+        warnings.warn("conv_bn_pairs: BatchNorm modules computed neither as a module nor by "
+                      f"F.batch_norm on their own parameters are not paired: {', '.join(lost)}")
     return pairs
+
+
+def _meta(node: fx.Node) -> bool:
+    """A node that reads only a tensor's metadata (getattr: shape, ndim, dtype, ...; size, dim)."""
+    return (node.op == "call_function" and node.target is getattr) or (
+        node.op == "call_method" and node.target in ("size", "dim"))
+
+
+def _conv_module(gm: fx.GraphModule, node: object) -> str | None:
+    """The conv module whose output `node` is: a call of it, or F.conv*d on its own weight and
+    bias (a trace through a conv subclass with its own forward). None otherwise."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module":
+        ok = isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd)
+        return str(node.target) if ok else None
+    if node.op != "call_function" or node.target not in (F.conv1d, F.conv2d, F.conv3d):
+        return None
+    w = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+    b = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith(".weight")):
+        return None
+    owner = w.target.rpartition(".")[0]
+    conv = gm.get_submodule(owner)
+    own_bias = (b is None and conv.bias is None) or (
+        isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{owner}.bias")
+    return owner if isinstance(conv, nn.modules.conv._ConvNd) and own_bias else None
 
 
 @torch.no_grad()

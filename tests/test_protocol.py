@@ -289,3 +289,109 @@ def test_on_sparse_sees_the_model_at_the_end_of_the_sparse_phase():
     assert len(seen["scores"]) == 9
     assert res["accuracy"]["regularized"] == pytest.approx(
         evaluate(seen["model"], Tiny().test))
+
+
+# -- conv -> BatchNorm pairs through BatchNorm subclasses (timm's BatchNormAct2d) --------------
+class _BNAct(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward calls F.batch_norm, then a ReLU (like timm's
+    BatchNormAct2d): torch.fx traces through it."""
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                           self.bias, self.training, self.momentum, self.eps)
+        return torch.relu(x)
+
+
+class _ConvBNAct(nn.Module):
+    def __init__(self, bn=_BNAct):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), bn(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 4, 1, bias=False), bn(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+def _shrunk_copy(dense, pairs, k=3, a=0.05):
+    """A copy of `dense` whose first k rows of each paired conv a sparse phase shrank a times
+    (the BN statistics following them)."""
+    shrunk = copy.deepcopy(dense)
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = shrunk.get_submodule(conv_name), shrunk.get_submodule(bn_name)
+            conv.weight[:k] *= a
+            if conv.bias is not None:
+                conv.bias[:k] *= a
+            bn.running_mean[:k] *= a
+            bn.running_var[:k] *= a ** 2
+    return shrunk
+
+
+def _check_restore(dense, pairs, x, shrink, k=3):
+    """Shrink rows of the `shrink` pairs, restore: every row of a paired conv below the dense
+    layer's RMS row norm r (and not 0) is scaled up to r, and the eval output is unchanged."""
+    shrunk = _shrunk_copy(dense, shrink, k)
+    rms, low = {}, {}
+    for conv_name, _ in pairs:
+        w0 = dense.get_submodule(conv_name).weight.detach()
+        rms[conv_name] = float(w0.pow(2).sum() / w0.shape[0]) ** 0.5
+        norms = shrunk.get_submodule(conv_name).weight.detach().flatten(1).norm(dim=1)
+        low[conv_name] = (norms > 0) & (norms < rms[conv_name])
+    with torch.no_grad():
+        before = shrunk(x)
+        done = restore_bn_input_norms(shrunk, dense)
+        after = shrunk(x)
+    assert done == {c: int(m.sum()) for c, m in low.items() if m.any()}
+    assert all(low[c][:k].all() for c, _ in shrink)
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5 * before.abs().max().item())
+    for conv_name, _ in pairs:
+        norms = shrunk.get_submodule(conv_name).weight.detach().flatten(1).norm(dim=1)
+        assert torch.all(norms[low[conv_name]] >= rms[conv_name] * (1 - 1e-5)), conv_name
+
+
+def test_restore_bn_input_norms_finds_a_batchnorm_subclass_calling_f_batch_norm():
+    torch.manual_seed(0)
+    dense = _ConvBNAct().eval()
+    with torch.no_grad():
+        for bn in (dense.bn1, dense.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    pairs = conv_bn_pairs(dense)
+    assert pairs == [("conv1", "bn1"), ("conv2", "bn2")]
+    _check_restore(dense, pairs, torch.randn(2, 3, 8, 8), shrink=pairs)
+
+
+def test_restore_bn_input_norms_on_timm_batchnormact2d():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    dense = timm.create_model("gernet_s", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    pairs = conv_bn_pairs(dense)
+    expected = [(f"{n}.conv", f"{n}.bn") for n, m in dense.named_modules()   # ConvNormAct
+                if isinstance(getattr(m, "conv", None), nn.Conv2d) and m.conv.groups == 1
+                and type(getattr(m, "bn", None)).__name__ == "BatchNormAct2d"]
+    assert len(expected) > 30 and sorted(pairs) == sorted(expected)
+    _check_restore(dense, expected, torch.randn(1, 3, 64, 64), shrink=expected[:4])
+
+
+def test_conv_bn_pairs_says_what_it_cannot_pair():
+    class ByHand(nn.BatchNorm2d):                   # a BatchNorm computed without F.batch_norm
+        def forward(self, x):
+            v = (self.running_var + self.eps).rsqrt()
+            return (x - self.running_mean[:, None, None]) * (self.weight * v)[:, None, None] \
+                + self.bias[:, None, None]
+
+    with pytest.warns(UserWarning, match=r"not paired: bn1, bn2"):
+        assert conv_bn_pairs(_ConvBNAct(ByHand)) == []
+
+    class Branchy(_ConvBNAct):                      # data-dependent control flow: no trace
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else super().forward(-x)
+
+    with pytest.warns(UserWarning, match="cannot trace Branchy"):
+        assert restore_bn_input_norms(Branchy(), Branchy()) == {}

@@ -22,13 +22,15 @@ if _os.environ.get("PRUNELIB_THREADS"):
                          "positive integer (or unset it to keep torch's default)")
     _torch.set_num_threads(_n)
 
-from .graph import ChannelGroup, Member, UnsupportedOpError, channel_groups, register_op
+from .graph import (ChannelGroup, FrozenOp, GroupList, Member, UnsupportedOpError,
+                    channel_groups, register_op)
 from .measure import count, latency
 from .surgery import (Branch, load_pruned, remove_branches, remove_channels, residual_branches,
                       save_pruned)
 from . import methods  # noqa: E402  (registers every method)
 
 __version__ = "0.1.0"
-__all__ = ["ChannelGroup", "Member", "UnsupportedOpError", "channel_groups", "register_op",
+__all__ = ["ChannelGroup", "GroupList", "FrozenOp", "Member", "UnsupportedOpError",
+           "channel_groups", "register_op",
            "count", "latency", "remove_channels", "save_pruned", "load_pruned", "methods",
            "Branch", "residual_branches", "remove_branches"]

@@ -251,7 +251,8 @@ def test_a_batchnorm_subclass_calling_f_batch_norm_is_sliced_like_batchnorm():
 
 def test_a_slice_that_cuts_channels_is_frozen_and_listed():
     groups = pl.channel_groups(Ghostly(6).eval(), X32)     # [:, :6] of 8 channels
-    assert groups == []
+    assert groups == [] and isinstance(groups, pl.GroupList)  # the public types
+    assert all(isinstance(f, pl.FrozenOp) for f in groups.frozen)
     ops = [f.op for f in groups.frozen]
     assert ops[0] == "getitem ('getitem')" and groups.frozen[0].layers == ["a"]
     assert groups.frozen[0].channels == 4 and ops[-1] == "output"

@@ -224,3 +224,145 @@ def test_bar_regularize_distills_from_a_frozen_teacher_and_closes_gates():
     assert float(bar.expected_macs().detach() / bar.mac.dense) < ratio0
     small = bar.finish(model, Budget(macs=0.5))
     assert no_hooks(small) and pl.count(small, x)[0] <= 0.5 * pl.count(dense, x)[0]
+
+
+# --- GAL: FISTA on masks, adversarial losses, label-free phase ----------------------------------
+def vgg_tiny() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    randomize_bn(model, torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def loader(n: int = 32, seed: int = 0, labels_seed: int = 0) -> Batches:
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(labels_seed))
+    return Batches(imgs, labels, batch_size=8)
+
+
+def test_gal_finish_before_attach_says_to_attach_first():
+    with pytest.raises(RuntimeError, match=r"call attach\(model, groups\) first"):
+        methods.get("gal").finish(tiny_resnet(), Budget(macs=0.5))
+
+
+@pytest.mark.parametrize("structure,mask_step", [("blocks", 1), ("channels", 2)])
+def test_gal_fista_step_by_hand(structure, mask_step):
+    model, (x, y) = tiny_resnet(), batch()
+    lam, lr = 0.3, 0.2
+    gal, model = attached("gal", model, x, lam=lam, structure=structure, mask_step=mask_step)
+    assert gal.st.n == (3 if structure == "blocks" else
+                        sum(g.size for g in gal.groups if g.bns()))
+    with torch.no_grad():
+        gal.m.copy_(torch.linspace(0.01, 1.4, gal.st.n))
+    opt = torch.optim.SGD(gal.param_groups(model, lr, 0.0), lr=lr, momentum=0.9)
+    model.train()
+    m = gal.m.detach().clone()
+    m_prev, t, k = m.clone(), 1.0, 0
+    for step in range(1, 7):
+        loss = nn.functional.cross_entropy(model(x), y) + gal.loss_term(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g = gal.m.grad.detach().clone()
+        gal.after_backward(model)
+        opt.step()
+        torch.testing.assert_close(gal.m.detach(), m)             # SGD does not step m
+        gal.after_step(model)
+        if step % mask_step == 0:                                 # fista.py by hand
+            if k == 0:
+                yk = m.clone()
+            else:
+                t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+                yk = m + (t - 1) / t_new * (m - m_prev)
+                t = t_new
+            m_prev = m.clone()
+            z = yk - lr * g
+            m = torch.clamp(torch.sign(z) * torch.clamp(z.abs() - lr * lam, min=0), min=0)
+            k += 1
+        torch.testing.assert_close(gal.m.detach(), m, rtol=1e-6, atol=1e-7)
+    assert gal.fista_steps == k == 6 // mask_step
+    assert (m == 0).any() and (m > 0).any()
+
+
+def test_gal_losses_equal_the_official_formulas_by_hand():
+    model, (x, _) = tiny_resnet(), batch()
+    gal, model = attached("gal", model, x, mu=0.7)
+    gen = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen)
+    dr, df = gal.disc(real), gal.disc(fake)
+    assert dr.shape == (4, 128)
+
+    def bce(logit, label):                         # -[l log sigmoid + (1 - l) log(1 - sigmoid)]
+        p = 1 / (1 + torch.exp(-logit))
+        return -(label * torch.log(p) + (1 - label) * torch.log(1 - p)).mean()
+    want_d = bce(dr, 1.0) + bce(df, 0.0) + bce(df, 1.0)
+    want_g = bce(df, 1.0) + 0.7 * ((fake - real) ** 2).mean()
+    torch.testing.assert_close(gal.disc_loss(real, fake), want_d)
+    torch.testing.assert_close(gal.gen_loss(real, fake), want_g)
+    with torch.no_grad():
+        gal.m.copy_(torch.tensor([0.5, 0.0, 2.0]))
+    assert float(gal.loss_term(model).detach()) == pytest.approx(0.6 * 2.5)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_gal_blocks_fold_and_removal_are_exact_and_round_trip(shortcut, tmp_path):
+    model, (x, _) = tiny_resnet(shortcut), batch()
+    gal, model = attached("gal", model, x)
+    assert gal.st.kind == "blocks"
+    with torch.no_grad():
+        gal.m.copy_(torch.tensor([0.0, 0.6, 1.3]))
+        y = model(x)
+    small = gal.finish(model, None).eval()
+    assert no_hooks(small) and gal.mask_zeros == 1
+    assert pl.surgery.removed_branches(small) == ["layer1.0.bn2"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), y, rtol=1e-5, atol=1e-5)
+    assert pl.count(small, x)[0] < pl.count(model, x)[0]
+    pl.save_pruned(small, tmp_path / "g.pt")
+    loaded, _ = pl.load_pruned(CifarResNet(8, shortcut=shortcut, width=4), tmp_path / "g.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), small(x), rtol=0, atol=0)
+    budget = gal.finish(model, Budget(macs=0.6))
+    assert gal.target_reached and pl.count(budget, x[:1])[0] <= 0.6 * pl.count(model, x[:1])[0]
+
+
+def test_gal_channels_on_vgg_fold_and_removal_are_exact_and_meet_the_budget():
+    model, (x, _) = vgg_tiny(), batch()
+    gal, model = attached("gal", model, x)
+    assert gal.st.kind == "channels" and gal.st.n == 16
+    with torch.no_grad():
+        gal.m.copy_(torch.rand(16, generator=torch.Generator().manual_seed(1)) + 0.2)
+        gal.m[[0, 3, 9]] = 0.0
+        y = model(x)
+    small = gal.finish(model, None).eval()
+    assert no_hooks(small)
+    assert small[0].out_channels == 6 and small[3].out_channels == 7
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), y, rtol=1e-5, atol=1e-5)
+    budget = gal.finish(model, Budget(macs=0.5))
+    assert pl.count(budget, x[:1])[0] <= 0.5 * pl.count(model, x[:1])[0]
+
+
+def test_gal_phase_is_label_free_keeps_the_teacher_and_counts_fista_steps():
+    x = torch.randn(1, 3, 8, 8)
+    runs = []
+    for labels_seed in (0, 1):                         # different labels, same images
+        model = tiny_resnet()
+        dense = copy.deepcopy(model)
+        gal = methods.get("gal", lam=0.5)
+        gal.ctx = methods.Context(example_inputs=x, train_loader=loader(labels_seed=labels_seed),
+                                  epochs=2, lr=0.05, quiet=True)
+        model = gal.attach(model, pl.channel_groups(model, x))
+        torch.manual_seed(0)
+        gal.regularize(model, gal.ctx)
+        assert gal.step == 8 and gal.fista_steps == 8 and gal._every == 1
+        assert math.isfinite(gal.loss_d) and math.isfinite(gal.loss_g)
+        for t, d in zip(gal.teacher.state_dict().values(), dense.state_dict().values()):
+            torch.testing.assert_close(t, d)
+        assert all(not p.requires_grad for p in gal.teacher.parameters())
+        runs.append(gal.m.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert (runs[0] < 1).all()                          # the L1 term shrank every mask

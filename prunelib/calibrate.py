@@ -27,6 +27,8 @@ restore_bn_input_norms(model, reference)
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from functools import partial
 from typing import Iterable
 
 import torch
@@ -85,9 +87,10 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     convolution is a conv module, called as a module or by F.conv1d/2d/3d on its own weight and
     bias (timm's Conv2dSame).
 
-    Nothing is skipped silently: a model torch.fx cannot trace gives [] with a warning naming it,
-    and a BatchNorm module whose tensors forward reads but that is computed in no form above
-    (e.g. by hand) is named by a warning (it is left out of the pairs).
+    Nothing is skipped silently: a model torch.fx cannot trace gives [] with a warning naming it;
+    a BatchNorm module whose tensors forward reads but that is computed in no form above (e.g. by
+    hand), and a paired conv or BatchNorm that forward calls more than once (no one scale fits
+    every call), are named by a warning and left out of the pairs.
     """
     try:
         gm = fx.symbolic_trace(model)
@@ -96,16 +99,25 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
                       f"({type(e).__name__}: {str(e).strip()[:160]}); no conv -> BatchNorm "
                       "pair found, so no conv row is rescaled")
         return []
-    pairs, seen = [], set()
-    for bn, node in bn_calls(gm, model):
-        seen.add(bn)
+    calls = bn_calls(gm, model)
+    pairs = []
+    for bn, node in calls:
         src = node.kwargs.get("input", node.args[0] if node.args else None)
         conv = _conv_module(gm, src)
-        users = [u for u in src.users if not _meta(u)]      # x.shape / x.ndim reads: values
-        if conv is not None and users == [node] and model.get_submodule(conv).groups == 1:
-            pairs.append((conv, bn))                         # unchanged by the rescaling
+        if conv is None or model.get_submodule(conv).groups != 1:
+            continue
+        if [u for u in src.users if not _meta(u)] == [node]:   # x.shape reads: not values
+            pairs.append((conv, bn))
+    ncalls = Counter(bn for bn, _ in calls)
+    ncalls.update(c for c in map(partial(_conv_module, gm), gm.graph.nodes) if c is not None)
+    twice = {n for p in pairs for n in p if ncalls[n] > 1}
+    if twice:                                # a module called twice: one scale cannot fit both
+        warnings.warn("conv_bn_pairs: modules computed more than once are not paired: "
+                      f"{', '.join(sorted(twice))}")
+        pairs = [p for p in pairs if not twice & set(p)]
     read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
-    lost = [n for n, m in model.named_modules() if isinstance(m, _BN) and n in read - seen]
+    lost = [n for n, m in model.named_modules()
+            if isinstance(m, _BN) and n in read - {bn for bn, _ in calls}]
     if lost:
         warnings.warn("conv_bn_pairs: BatchNorm modules computed neither as a module nor by "
                       f"F.batch_norm on their own parameters are not paired: {', '.join(lost)}")

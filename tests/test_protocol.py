@@ -395,3 +395,17 @@ def test_conv_bn_pairs_says_what_it_cannot_pair():
 
     with pytest.warns(UserWarning, match="cannot trace Branchy"):
         assert restore_bn_input_norms(Branchy(), Branchy()) == {}
+
+
+def test_conv_bn_pairs_leaves_out_a_batchnorm_called_twice():
+    class Shared(nn.Module):                        # one BN after two convs: one scale per row
+        def __init__(self):                         # cannot fit both
+            super().__init__()
+            self.c1, self.c2, self.c3 = (nn.Conv2d(3, 4, 1) for _ in range(3))
+            self.bn, self.bn3 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.c1(x)) + self.bn(self.c2(x)) + self.bn3(self.c3(x))
+
+    with pytest.warns(UserWarning, match=r"more than once are not paired: bn$"):
+        assert conv_bn_pairs(Shared()) == [("c3", "bn3")]

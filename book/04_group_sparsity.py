@@ -29,10 +29,10 @@
 #    magnitude baseline on real CIFAR-10 ResNet-20 under the book's one protocol.
 #
 # **Run time** (`python book/04_group_sparsity.py`, whole chapter, quick scale):
-# 7 min 0 s and 7 min 8 s (two runs; 415 s and 423 s between the setup cell and the last
-# cell) on the project machine's 2-core CPU, **shared** with other jobs (load average 1.5 to
-# 2), default torch threads; about 40 s for `l1` and 70–90 s for each regularized method,
-# ~50 s for the analysis of Section 8. Measured on a shared CPU: the lead re-measures it in CI.
+# 7 min 0 s and 7 min 8 s (two runs, default torch threads, load average 1.5 to 2) before the
+# "SSL 2D" run was added; with it, 13 min 54 s of CPU time in one thread (39 min wall on a
+# CPU shared with four other jobs, `PRUNELIB_THREADS=1`), so about 8–9 min with two threads
+# on an idle machine (estimated from the CPU time, not measured).
 #
 # The protocol is the book's one protocol, read from `prunelib.pipeline.SCALES` in the setup
 # cell: at `PRUNELIB_SCALE=quick` (default) every method gets 2 epochs of sparse training and
@@ -582,15 +582,23 @@ assert float(cos_slices.median()) > 1e-3                       # ... not for the
 # rank the channels by the method's magnitude at the start, take the channels the budget would
 # remove, $D$ = the 0.9-quantile of their magnitudes, and choose λ so that a constant push of
 # λ per unit learning rate, *carried by the training optimizer's momentum* μ = 0.9, moves a
-# parameter by margin × D = 2D over the phase: $\lambda \cdot V(\eta, \mu) = 2D$ with
+# parameter by D over the phase: $\lambda \cdot V(\eta, \mu) = D$ with
 # $V \approx \sum_t\eta_t/(1-\mu)$ (`sgd_displacement` computes it exactly). Every method then
-# gets the **same per-step push** $\lambda\eta_t$ for the same $D$. GREG's rule is of its own
+# gets the **same per-step push** $\lambda\eta_t$ for the same $D$.
+#
+# **Why D and not 2D, as for the BN-based methods.** Chapter 2's rules move γ, and the task
+# gradient resists that push, so they ask for a reach of margin × D = 2D. The group norms here
+# are mostly conv rows that feed a BN, and along such a row the loss is scale-invariant
+# (Section 6: $\langle\nabla f, w_k\rangle = 0$): nothing resists the push, so a reach of D
+# already carries the budget's channels to 0, and 2D would carry the *kept* rows there too.
+# `prunelib.strength` marks these rules `resisted=False` (their record says `margin` 1);
+# Section 8 runs SSL once more at 2D to show what the margin would do. GREG's rule is of its own
 # kind: $\delta = \tau K_u / (\text{steps}/2)$, so that $\lambda_j$ reaches $\tau$ at half of the
 # phase (the rest is GREG's stabilization); `l1` has no strength.
 #
 # **Why OTO's groups get a shorter reach.** OTO's zero-invariant groups take their steps
 # without momentum ($\mu = 0$, as in the official configs). The same per-step push then adds up
-# to only $\lambda\sum_t\eta_t \approx (1-\mu)\cdot 2D = 0.2D$ over the phase, a tenth of the
+# to only $\lambda\sum_t\eta_t \approx (1-\mu)\cdot D = 0.1D$ over the phase, a tenth of the
 # others' reach. Giving OTO the same *reach* instead would make its per-step push ten times
 # stronger relative to the task gradient than every other method's (momentum multiplies the
 # task gradient and the penalty alike for the others, and neither for OTO's groups); the
@@ -673,10 +681,18 @@ for label, meth in methods.items():
                             dense_accuracy=base_acc, on_sparse=keep_sparse(label))
     print(f"{label:6s} {time.time() - t0:4.0f} s  " + "  ".join(
         f"{k} {v:5.2f}" for k, v in results[label]["accuracy"].items()), flush=True)
+# SSL once more at a reach of 2D: the margin the BN-based rules use (Section 8 reads it)
+ssl_2d = {k: 2 * v for k, v in results["SSL"]["strength"]["params"].items()}
+t0 = time.time()
+_, results["SSL 2D"] = run(recorded("ssl"), base, data, scale=SCALE, device=DEVICE,
+                           dense_accuracy=base_acc, strength=ssl_2d,
+                           on_sparse=keep_sparse("SSL 2D"))
+print(f"SSL 2D {time.time() - t0:4.0f} s  " + "  ".join(
+    f"{k} {v:5.2f}" for k, v in results["SSL 2D"]["accuracy"].items()), flush=True)
 
 # %% [markdown]
 # The strength each run used, as `run` recorded it, and the reach it gives (for OTO, without
-# momentum: $\lambda\sum_t\eta_t$):
+# momentum: $\lambda\sum_t\eta_t$; "SSL 2D" was given twice SSL's values by hand):
 
 # %%
 for label, r in results.items():
@@ -692,6 +708,8 @@ for label, r in results.items():
         line += (f" delta = {s['params']['delta']:.3g}: lambda_j reaches tau after "
                  f"{math.ceil(methods[label].tau / s['params']['delta'])} updates "
                  f"(every {methods[label].k_u} of {s['steps']} steps)")
+    elif s["rule"] == "given":
+        line += " " + ", ".join(f"{k} = {v:.3g}" for k, v in s["params"].items())
     else:
         line += f" {s.get('why', '')}"
     print(line)
@@ -703,7 +721,8 @@ if QUICK:
             for k in ("SSL", "OICSR", "OTO")}
     assert max(push.values()) / min(push.values()) < 1 + 1e-9    # one push per unit D
     reach_oto = s_oto["params"]["lam"] * s_oto["sum_lr"]          # no momentum on OTO's groups
-    assert reach_oto < 0.5 * SC.strength_margin * s_oto["D"]     # < half the others' reach
+    assert reach_oto < 0.5 * s_oto["D"]                           # < half the others' reach
+    assert all(results[k]["strength"]["margin"] == 1.0 for k in ("SSL", "OICSR", "OTO"))
 
 # %% [markdown]
 # ### The results table
@@ -782,11 +801,11 @@ for name in ("SSL", "OICSR", "OTO"):
 
 
 # %% [markdown]
-# Every group shrinks, not only those the budget will remove: with a reach of 2D, the penalty
-# carries *all* groups towards zero, and for the conv rows nothing resists it (Section 6:
+# Every group shrinks, not only those the budget will remove: the penalty pushes *all* groups
+# towards zero, and for the conv rows nothing resists it (Section 6:
 # $\langle\nabla f, w_k\rangle = 0$ for a row that feeds a BN). How far the rows that feed a BN
 # went, relative to the dense layer's RMS row norm, and the effective learning rate that gives
-# them ($\propto 1/\|w_k\|^2$):
+# them ($\propto 1/\|w_k\|^2$), at the rule's reach D and, for SSL, at 2D:
 
 # %%
 def row_norm_ratio(model: nn.Module, reference: nn.Module) -> torch.Tensor:
@@ -806,20 +825,27 @@ for k, v in row_ratio.items():
           f"(effective lr x{1 / v ** 2:,.1f});  sparse accuracy "
           f"{results[k]['accuracy']['regularized']:.1f}")
 assert abs(row_ratio["l1"] - float(row_norm_ratio(base, base).median())) < 1e-6   # no phase
+assert row_ratio["SSL 2D"] < row_ratio["SSL"]                   # twice the push: emptier rows
+acc_ssl = {k: results[k]["accuracy"] for k in ("SSL", "SSL 2D")}
+assert acc_ssl["SSL 2D"]["regularized"] < acc_ssl["SSL"]["regularized"]   # ... and less left
 
 # %% [markdown]
-# For SSL and OICSR this is the story of the table (in our run: sparse 46% and 38%, removal
-# −0.1 and −1.0 points, 30 and 36 points below `l1` after fine-tuning). Removal costs little,
-# because their groups include what BN does not renormalize — the consumers' input slices —
-# so the channels the ranking removes were already switched off (SSL's zero-out even makes 140
-# of its 336 groups exactly zero). But the rows that feed a BN collapsed to 1–2% of their dense
-# norm, and they were trained during the rest of the phase with an effective learning rate
-# thousands of times the nominal one: the sparse phase itself destroyed most of the accuracy,
-# and two epochs of fine-tuning do not bring it back. The strength rule assumes that the task
-# gradient resists the push (that is what its margin 2 is for); along a row that feeds a BN it
-# does not, so the reach of 2D empties the rows of every layer, important or not. This is
-# where SSL and OICSR lose to the baseline at this scale, and why. (The papers' λ over hundreds
-# of epochs reaches much less; Going further (a), (e).)
+# **SSL at 2D against SSL at D** is the reason for the rule's `resisted=False`. At 2D (the
+# margin the BN-based rules use) removal costs almost nothing — their groups include what BN
+# does not renormalize, the consumers' input slices, so the channels the ranking removes were
+# already switched off, and SSL's zero-out makes many groups exactly zero — but the rows that
+# feed a BN collapse to 1–2% of their dense norm and train for the rest of the phase with an
+# effective learning rate thousands of times the nominal one: the sparse phase itself destroys
+# most of the accuracy, and two epochs of fine-tuning do not bring it back (in our run: rows at
+# 1.4% of the dense norm, sparse 37.0%, removed 37.3%, tuned 45.7%, against `l1`'s 84.8%). At
+# D the rows keep about a sixth of their norm and the sparse phase keeps most of the accuracy
+# (82.5%; OICSR 81.4%), and both end within 2.5 points of `l1` after fine-tuning, but removal
+# is no longer nearly free (−28 and −41 points; recalibration gives back about half and three
+# quarters of it): the push that leaves the kept rows alive leaves the removed ones alive too
+# (compare the *removed* and *recal.* columns). At this scale
+# the group lasso on BN-fed rows trades one for the other; neither reach gives both. (The
+# papers' λ over hundreds of epochs lets the rows settle where the growth that the gradient
+# noise gives a scale-invariant row balances the push; Going further (a), (e).)
 #
 # ### GREG: the penalized filters shrink, BN scales them back
 #
@@ -895,17 +921,18 @@ if QUICK:
     assert np.median(w_ratio) < 0.2 < 0.3 < np.median(a_ratio)   # shrunk, yet still talking
 
 # %% [markdown]
-# So GREG's removal is a real perturbation at this scale (in our run 85.5% → 64.3%, the
-# largest drop of the regularized methods, against −0.1 and −1.0 for SSL and OICSR): the
+# So GREG's removal is a real perturbation at this scale (in our run 84.9% → 61.0%, −24
+# points, against −28 and −41 for SSL and OICSR at D and −76 for OTO): the
 # penalty shrank exactly the right filters, to about 5% of the kept ones, but the BN that
 # follows them undid most of it, and the channels still carried 60–80% of a kept channel's
 # signal when they were cut. What the growing penalty bought is visible against `l1`, which
 # removes nearly the same filters — the same per-layer magnitude choice, Section 5 — without any
-# preparation: GREG's *removed* and *recal.* columns (64.3, 77.5) are far above `l1`'s (18.0,
-# 48.8), and after fine-tuning it is slightly ahead (in our run +1.2 ± 0.7 points; it also
-# trained two epochs more). Among the four, GREG is the only one whose sparse phase kept the
-# network largely intact *and* prepared the removal; the group-lasso methods either prepared
-# it at the cost of the network (SSL, OICSR) or not at all (OTO, below). The papers hold
+# preparation: GREG's *removed* and *recal.* columns (61.0, 79.6) are far above `l1`'s (18.0,
+# 48.8), and after fine-tuning it is slightly ahead (in our run +1.0 ± 0.7 points; it also
+# trained two epochs more). Among the four, GREG's sparse phase kept the network most intact
+# *and* prepared the removal best; the group-lasso methods prepared it less at the rule's
+# reach (SSL, OICSR), only at the cost of the network at twice the reach (SSL 2D), or not at
+# all (OTO, below). The papers hold
 # $\lambda_j = \tau$ for thousands of iterations, until the filters fall below BN's small
 # constant and the channel's output is $\beta_k$ alone.
 #
@@ -954,8 +981,8 @@ print(f"OTO reach {reach_oto:.3f}; group norms at the start: min {float(norms0.m
 # %% [markdown]
 # So under the common budget OTO's removal is a one-shot ranking of barely changed group norms
 # — a magnitude rule like `l1`'s, but global across layers, with unweighted groups of unequal
-# size (Section 1) — and it loses to `l1` (in our run 80.7% against 84.8% after fine-tuning,
-# 31.9% against 48.8% after recalibration). How much of that is the allocation across layers?
+# size (Section 1) — and it loses to `l1` (in our run 80.4% against 84.8% after fine-tuning,
+# 31.6% against 48.8% after recalibration). How much of that is the allocation across layers?
 # Remove the same number of channels per layer as `l1` did, chosen by OTO's own scores on its
 # sparse model (the same MACs exactly), and recalibrate BN:
 
@@ -983,12 +1010,12 @@ print(f"OTO scores, global ranking (protocol): removed {a_o['removed']:.1f}, rec
 # (`calibrate.restore_bn_input_norms`; the function is unchanged, Section 6). What it changes:
 # two copies of the protocol's removed and recalibrated model, one restored and one as is,
 # fine-tuned on the very same batches (`PROBE_EPOCHS` of an epoch, the protocol's lr and
-# schedule), for OTO and for SSL:
+# schedule), for OTO and for SSL at 2D:
 
 # %%
 probe = [b for _, b in zip(range(math.ceil(PROBE_EPOCHS * len(data.train))), data.train)]
 probe_acc = {}
-for label in ("OTO", "SSL"):
+for label in ("OTO", "SSL 2D"):
     rem = sparse[label]["removed"]
     recalibrate_bn(rem, data.train, SC.recal_batches)
     restored, as_is = copy.deepcopy(rem), copy.deepcopy(rem)
@@ -1007,18 +1034,18 @@ for label in ("OTO", "SSL"):
           f"(+-{standard_error(probe_acc[label, 'as is'], N_TEST):.1f} each)")
 
 # %% [markdown]
-# In our run the per-layer choice recovers OTO's recalibrated accuracy to `l1`'s level (48.0%
-# against 31.9% with the global ranking, `l1` 48.8%): OTO's scores are no worse than `l1`'s,
+# In our run the per-layer choice recovers OTO's recalibrated accuracy to `l1`'s level (48.1%
+# against 31.6% with the global ranking, `l1` 48.8%): OTO's scores are no worse than `l1`'s,
 # but the global ranking of unweighted group norms cuts some layers to a few channels (the width
 # figure: 3 of 16 in `layer1.1`, 10 of 64 in `layer3.0`) and leaves others almost whole.
 #
 # The size of the restore effect follows the row norms. Rows shrunk by a factor $a$ are
 # fine-tuned with an effective learning rate $1/a^2$ times the nominal one (BN's scale
-# invariance, Section 6). Where the sparse phase collapsed the rows (SSL, 2% of the dense
+# invariance, Section 6). Where the sparse phase collapsed the rows (SSL at 2D, 2% of the dense
 # norm), the unrestored copy is fine-tuned at a learning rate thousands of times too hot and
-# recovers far less in the same steps (in our run 23.7% against 51.7% restored); where the rows
-# barely moved (OTO under the common push, 73%), restoring them changes little (70.3% against
-# 71.6%, about 1.5 standard errors of a difference).
+# recovers far less in the same steps (in our run 25.5% against 43.0% restored); where the rows
+# barely moved (OTO, 79%), restoring them changes little (70.8% against 72.0%, about 1.4
+# standard errors of a difference).
 #
 # SSL's shape and depth groups (`lam_shape`, `lam_depth`) are available but not used here:
 # kernel positions cannot be removed by channel surgery (`prunelib` keeps them as frozen zeros),
@@ -1045,8 +1072,9 @@ for label in ("OTO", "SSL"):
 # * BatchNorm's scale invariance decides much of what happens at this scale: the loss does not
 #   resist a push along a conv row that feeds a BN, a shrunk row is renormalized by the BN (so
 #   GREG's shrunk filters still talk) and trains with an effective lr $\propto 1/\|w\|^2$ (so
-#   the protocol restores row norms before fine-tuning). Under one common push, SSL and OICSR
-#   collapse every row and lose their sparse phase, OTO's momentum-free groups barely move (and
+#   the protocol restores row norms before fine-tuning). So the strength rule gives the group
+#   norms a reach of D, not 2D: at 2D SSL empties every row and loses its sparse phase; at D it
+#   keeps its accuracy but removal is no longer free. OTO's momentum-free groups barely move (and
 #   its global ranking of unweighted norms allocates the removal badly), and GREG, which targets
 #   the channels it removes, ends slightly ahead of the magnitude baseline.
 #
@@ -1161,8 +1189,8 @@ assert _small[0].out_channels == 5
 # and compare the filters it picks with GReg-1's L1 picks (it warns when the phase is too short
 # for its pick); (c) give OTO `eps=0.5` and a longer phase (`reg_epochs=...` as a keyword of
 # `run`) and watch `sparsity_history()`; (d) let OICSR prune the trunk (`residual="coupled"`);
-# (e) rerun SSL with the strength rule's margin 1 (`run(..., strength_margin=1.0)`) and compare
-# its sparse-phase accuracy and row norms; (f) run OTO with `restore_norms=False` for the full
+# (e) give OICSR twice the rule's λ (`run(..., strength={"lam": 2 * lam})`, as "SSL 2D" above)
+# and compare its sparse-phase accuracy and row norms with its run at D; (f) run OTO with `restore_norms=False` for the full
 # fine-tuning and compare with the probe of Section 8.
 
 # %%

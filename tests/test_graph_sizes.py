@@ -51,6 +51,7 @@ EXACT = {
     "channel_shuffle_by_sizes": lambda y, w: _shuffle(y + w),
     "reshape_numel": lambda y, w: y.reshape(y.size(0), y.numel() // y.size(0)),
     "expand_to_own_width": lambda y, w: (y + w)[:, :, :1].expand(-1, y.size(1), -1, -1),
+    "view_to_a_whole_torch_size": lambda y, w: y.flatten(2).view((y + w).shape),
 }
 
 

@@ -31,7 +31,9 @@
 #
 # **Run time** (whole chapter as a script, `python book/02_bn_based.py`, quick scale):
 # about 7-8 min under nbval in a clean-clone CI run on the shared 2-core CPU (several other
-# jobs running); not re-measured on an idle machine.
+# jobs running); 15 min 39 s of CPU time in one thread (`PRUNELIB_THREADS=1`; 42 min wall on
+# a CPU shared with four other jobs), so about 8–9 min with two threads on an idle machine
+# (estimated from the CPU time, not measured).
 # Full scale: not measured — 160 + 160 epochs per method on 45k images, a job for a GPU.
 #
 # The protocol's settings (training and test subsets, epochs and learning rates of both
@@ -543,7 +545,8 @@ print(f"a sub-net keeping 3/4 of every internal layer: held-out accuracy {acc_st
 #    budget removes out of the penalty's reach.
 # 2. **The margin.** The task gradient resists the penalty, so the rule asks for a reach of
 #    $2D$ (`Scale.strength_margin` = 2; with margin 1, NS still removes channels that carry
-#    signal, as measured for the rule's docstring).
+#    signal, as measured for the rule's docstring). Chapter 4's group norms are the opposite
+#    case: conv rows that feed a BN, which the loss does not resist, so their rules use D.
 # 3. **The same per-step push.** A constant unit gradient moves a parameter under `fit`'s SGD
 #    with Nesterov momentum by $V(\eta, \mu) = \sum_s \eta_s v_s$ ($b_s = \mu b_{s-1} + 1$,
 #    $v_s = 1 + \mu b_s$; about $\sum_s\eta_s/(1-\mu)$ once the momentum has built up). The rule
@@ -731,9 +734,13 @@ assert sum(probes["RSNLI"]["zeros"].values()) < sum(zeros_reach.values())
 assert res_reach["pruned"]["macs_ratio"] < 1.0         # the rule removed something
 assert float(d_feat[..., 1:-1, 1:-1].max()) < 1e-4 * (1 + float(feats["sparse"].abs().max()))
 gap = a_r["recalibrated"] - a_r["regularized"]
-print(f"RSNLI (own rule): recalibrated - sparse = {gap:+.2f} points "
-      f"(2 standard errors: {2 * standard_error(a_r['regularized'], N_TEST):.2f}); the border "
-      "ring of every folded consumer differs, so this gap is measured, not guaranteed")
+loss = a_r["regularized"] - a_r["removed"]                 # what removal (the fold) cost
+won_back = (a_r["recalibrated"] - a_r["removed"]) / loss if loss > 0 else 1.0
+print(f"RSNLI (own rule): removal cost {loss:+.2f} points, recalibration won back "
+      f"{won_back:.0%} of it; recalibrated - sparse = {gap:+.2f} points (2 standard errors: "
+      f"{2 * standard_error(a_r['regularized'], N_TEST):.2f})")
+if loss > 2 * standard_error(a_r["regularized"], N_TEST):  # a loss above the noise ...
+    assert won_back > 0.5                                   # ... is mostly stale statistics
 
 # %% [markdown]
 # The fold is exact inside the first consumer (float32 rounding), and not on its border ring.
@@ -741,9 +748,11 @@ print(f"RSNLI (own rule): recalibrated - sparse = {gap:+.2f} points "
 # 8×8 one, and every folded channel adds its own error there, which the next 3×3 layers spread
 # inwards. With hundreds of folded channels the folded model loses accuracy right after
 # removal (the official code folds the same way); dropping the constants instead loses more.
-# Recalibrating the BN statistics brings the model back to its sparse accuracy (asserted above:
-# within two standard errors of one accuracy, the noise of the measurement itself): the
-# border error is mostly a shift of what the later BatchNorms see, not a destroyed function.
+# Recalibrating the BN statistics wins most of that loss back (asserted above: more than half
+# of it whenever the loss is above two standard errors; runs of this chapter measured 85–120%),
+# so the border error is mostly a shift of what the later BatchNorms see, not a destroyed
+# function. How close the recalibrated model comes to the sparse one is printed, not asserted:
+# in one CI run it ended more than two standard errors below it.
 # An exact fold would add a constant *map* (the consumer applied to the constant image, zero
 # padding included) instead of a constant per channel.
 #

@@ -435,6 +435,28 @@ def test_gbn_gates_keep_the_function_and_melt_back(device):
     torch.testing.assert_close(out(plain, x), y0, rtol=1e-5, atol=1e-6)
 
 
+def test_gbn_gates_made_once_per_forward_equal_those_of_a_bn_called_alone(device):
+    x = torch.randn(4, 3, 16, 16, device=device)
+    model = tiny()
+    randomize_bn(model)
+    meth, model, _ = setup("gbn", model, x, device)
+    bn = model[4].train()
+    bn.gbn_mask[[2, 5]] = 0.0
+    seen = {}
+    bn.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), y=o))
+    model(x)                                             # phi * mask of all BNs made at once
+    inside = seen["y"]
+    alone = bn(seen["x"])                                # its own, outside the forward
+    assert alone.grad_fn is not inside.grad_fn and not hasattr(bn, "_gbn_scale")
+    torch.testing.assert_close(alone, inside, rtol=1e-5, atol=1e-6)
+    assert (inside[:, [2, 5]] == 0).all()
+    beta = bn.parametrizations.bias.original
+    for a, b in zip(torch.autograd.grad(inside.pow(2).sum(), [bn.gbn_gate, beta]),
+                    torch.autograd.grad(alone.pow(2).sum(), [bn.gbn_gate, beta])):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_gbn_score_is_accumulated_abs_gate_times_gradient(device):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16, device=device)

@@ -10,7 +10,9 @@ Gate        GBN(x) = phi * BN(x) with a gate phi per channel. As the official `e
             channel outputs exactly 0, so its removal is exact. The gate is applied to the BN's
             affine parameters (torch parametrizations: weight = 1 * phi * mask, bias = beta *
             phi * mask), the same function and gradients as multiplying the output, one pass
-            cheaper; `melt` makes those values plain BN parameters again.
+            cheaper; `melt` makes those values plain BN parameters again. phi * mask of all
+            gated BNs is computed at once when the model's forward starts (a forward pre-hook
+            on the model); a BN called on its own computes its own.
 Score       Taylor estimate of the loss change when phi_i -> 0, accumulated as in the official
             gradient hook:  Theta_i = sum_batches |phi_i * dL/dphi_i|  (the absolute value is
             taken per batch, inside the sum). BNs joined by one residual sum share a summed score
@@ -116,8 +118,22 @@ class GateDecorator(Method):
         self._names = names
         self._gates = [model.get_submodule(n).gbn_gate for n in names]
         self._bns = [model.get_submodule(n) for n in names]
+        self._sizes = [g.numel() for g in self._gates]
+        self._root = (model.register_forward_pre_hook(self._scales_on).id,
+                      model.register_forward_hook(self._scales_off, always_call=True).id)
         self.ticks_done, self.tocks_done, self.history = 0, 0, []
         return model
+
+    def _scales_on(self, model: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the model: phi * mask of every gated BN at once, for this
+        forward (each BN's parametrizations read theirs; a BN called alone makes its own)."""
+        scale = torch.cat(self._gates) * torch.cat([bn.gbn_mask for bn in self._bns])
+        for bn, part in zip(self._bns, scale.split(self._sizes)):
+            bn.__dict__["_gbn_scale"] = part
+
+    def _scales_off(self, model: nn.Module, args: tuple, out: Any) -> None:
+        for bn in self._bns:
+            bn.__dict__.pop("_gbn_scale", None)
 
     @contextlib.contextmanager
     def collecting(self) -> Iterator["GateDecorator"]:
@@ -304,6 +320,10 @@ class GateDecorator(Method):
     @torch.no_grad()
     def melt(self, model: nn.Module) -> nn.Module:
         """Fold phi * mask into each gated BN of `model` (in place) and remove the gates."""
+        for hooks in (model._forward_pre_hooks, model._forward_hooks,
+                      model._forward_hooks_always_called):
+            for hook_id in self._root:
+                hooks.pop(hook_id, None)
         for n in self._names:
             bn = model.get_submodule(n)
             w, b = bn.weight.detach().clone(), bn.bias.detach().clone()   # phi*mask, beta*phi*mask
@@ -343,5 +363,6 @@ class _Gate(nn.Module):
         object.__setattr__(self, "_bn", bn)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return t * (self._bn.gbn_gate * self._bn.gbn_mask)
+        scale = self._bn.__dict__.get("_gbn_scale")
+        return t * (self._bn.gbn_gate * self._bn.gbn_mask if scale is None else scale)
 

@@ -17,31 +17,8 @@ from prunelib.methods.structures import Structures
 from prunelib.models import CifarResNet
 from prunelib.select import Budget
 
+from test_methods_gates import attached, batch, no_hooks, tiny_resnet
 from test_surgery import randomize_bn
-
-
-def tiny_resnet(shortcut: str = "A", seed: int = 0) -> CifarResNet:
-    """ResNet-8 with stages 4/8/16 (one block each), non-trivial BN statistics, eval mode."""
-    torch.manual_seed(seed)
-    model = CifarResNet(8, shortcut=shortcut, width=4)
-    randomize_bn(model, torch.Generator().manual_seed(seed))
-    return model.eval()
-
-
-def batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-
-
-def attached(name: str, model: nn.Module, x: torch.Tensor, **hp):
-    m = methods.get(name, **hp)
-    m.ctx = methods.Context(example_inputs=x[:1], lr=0.1)
-    return m, m.attach(model, pl.channel_groups(model, x[:1]))
-
-
-def no_hooks(model: nn.Module) -> bool:
-    return all(not mod._forward_hooks and not mod._forward_pre_hooks
-               for mod in model.modules())
 
 
 def gated_copy(method, model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> nn.Module:

@@ -63,7 +63,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import Context, HParam, Method, register
-from .structures import Structures, mac_model, mac_to
+from .structures import channel_gates, mac_to
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
@@ -140,20 +140,11 @@ class BAR(Method):
 
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)
-        ex = self.ctx.example_inputs if self.ctx is not None else None
-        if ex is None:
-            raise ValueError(f"{self.owner()}: the budget term counts MACs: set method.ctx = "
-                             "methods.Context(example_inputs) before attach")
+        self.st, self.mac, self.target, self.log_alpha = channel_gates(
+            self, model, self.log_alpha_init, "budget term")
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)   # frozen dense copy
-        self.st = Structures(model, self.groups, "channels", ex, self.owner())
-        ref = next(p for p in model.parameters() if p.is_floating_point())
-        self.mac = mac_model(model, self.all_groups, ex, ref.device)
-        budget = self.ctx.extra.get("budget")
-        self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
         self.a = self.target - self.margin * (1 + self.tolerance)
         self.b = 1.0 + self.tolerance
-        self.log_alpha = nn.Parameter(torch.full((self.st.n,), self.log_alpha_init,
-                                                 device=ref.device, dtype=ref.dtype))
         self.step, self._total = 0, self.anneal_steps
         self.st.install(model, self.log_alpha, lambda la: self.gate(la, model.training),
                         lambda r: mac_to(self.mac, r.device))

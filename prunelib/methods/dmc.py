@@ -35,7 +35,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import HParam, Method, register
-from .structures import Structures, mac_model, mac_to
+from .structures import channel_gates, mac_to
 
 
 def ste_step(theta: torch.Tensor) -> torch.Tensor:
@@ -63,18 +63,8 @@ class DMC(Method):
 
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)
-        ex = self.ctx.example_inputs if self.ctx is not None else None
-        if ex is None:
-            raise ValueError(f"{self.owner()}: the resource term counts MACs: set method.ctx "
-                             "= methods.Context(example_inputs) before attach")
-        self.st = Structures(model, self.groups, "channels", ex, self.owner())
-        dev = next(model.parameters()).device
-        self.mac = mac_model(model, self.all_groups, ex, dev)
-        budget = self.ctx.extra.get("budget")
-        self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev,
-                                             dtype=dtype))
+        self.st, self.mac, self.target, self.theta = channel_gates(
+            self, model, self.theta_init, "resource term")
         self.st.install(model, self.theta, ste_step,
                         lambda ref: mac_to(self.mac, ref.device))   # the model moved
         return model

@@ -50,7 +50,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import Context, HParam, Method, register
-from .structures import Structures, mac_model, mac_to
+from .structures import channel_gates, mac_to
 
 
 def smoothed_l0(theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -87,18 +87,9 @@ class GDP(Method):
 
     def attach(self, model: nn.Module, groups: list[ChannelGroup]) -> nn.Module:
         model = super().attach(model, groups)
-        ex = self.ctx.example_inputs if self.ctx is not None else None
-        if ex is None:
-            raise ValueError(f"{self.owner()}: the FLOPs term counts MACs: set method.ctx = "
-                             "methods.Context(example_inputs) before attach")
-        self.st = Structures(model, self.groups, "channels", ex, self.owner())
-        dev = next(model.parameters()).device
-        self.mac = mac_model(model, self.all_groups, ex, dev)
-        budget = self.ctx.extra.get("budget")
-        self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        self.theta = nn.Parameter(torch.full((self.st.n,), self.theta_init, device=dev,
-                                             dtype=dtype))
+        self.st, self.mac, self.target, self.theta = channel_gates(
+            self, model, self.theta_init, "FLOPs term")
+        dev = self.theta.device
         self.dead = torch.zeros(self.st.n, dtype=torch.bool, device=dev)    # theta = 0 for good
         self._prev = self.theta.detach().clone()
         self.eps, self.step, self._total = self.eps_start, 0, self.anneal_steps

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ChannelGroup
-from ..select import Budget, MacModel, min_keep_count, select_keep
+from ..select import Budget, MacModel, min_keep_count
 from ..surgery import remove_channels
 from .base import Context, HParam, Method, register
 from .structures import follow_model

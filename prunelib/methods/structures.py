@@ -57,6 +57,25 @@ def mac_model(model: nn.Module, groups: list[ChannelGroup], example_inputs: torc
     return mac_to(MacModel(model, groups, example_inputs), device)
 
 
+def channel_gates(method, model: nn.Module, init: float, term: str
+                  ) -> tuple["Structures", MacModel, float, nn.Parameter]:
+    """The set-up every channel-gate method shares (DMC, GDP, BAR): per-channel factors on
+    `method.groups`, the MACs model of `model`, the MACs target (the context's budget, else
+    `method.macs`) and the factor vector (n,) filled with `init`, on the model's device and in
+    its float dtype. `term` names what counts MACs in the error without example inputs."""
+    ex = method.ctx.example_inputs if method.ctx is not None else None
+    if ex is None:
+        raise ValueError(f"{method.owner()}: the {term} counts MACs: set method.ctx = "
+                         "methods.Context(example_inputs) before attach")
+    st = Structures(model, method.groups, "channels", ex, method.owner())
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    mac = mac_model(model, method.all_groups, ex, ref.device)
+    budget = method.ctx.extra.get("budget")
+    target = budget.macs if getattr(budget, "macs", None) is not None else method.macs
+    theta = nn.Parameter(torch.full((st.n,), init, device=ref.device, dtype=ref.dtype))
+    return st, mac, target, theta
+
+
 def mac_to(mac: MacModel, device: torch.device) -> MacModel:
     """`mac` with its (float64) tensors moved to `device`, in place."""
     mac.a, mac.d, mac.inc = mac.a.to(device), mac.d.to(device), mac.inc.to(device)

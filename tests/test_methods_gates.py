@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import prunelib as pl
 from prunelib import methods
@@ -437,3 +438,41 @@ def test_a_gate_method_attached_then_moved_steps_as_one_attached_after_the_move(
     assert extra_params(m).dtype == torch.float64       # (DMC's theta_init 0.1 was rounded
     torch.testing.assert_close(extra_params(m), extra_params(ref_m),   # to float32 at attach)
                                rtol=1e-7 if name == "dmc" else 1e-12, atol=1e-12)
+
+
+class _OwnForwardBN(nn.BatchNorm2d):
+    """A BatchNorm with its own forward (as timm's): Structures must scale its output."""
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            self.training, 0.1, self.eps)
+
+
+@pytest.mark.parametrize("name", ["gdp", "bar"])
+def test_factor_folded_into_bn_affine_equals_scaling_its_output(name):
+    # BN(x; f gamma, f beta) = f BN(x; gamma, beta): same outputs and gradients as the hook
+    x, _ = batch(8)
+    ref = tiny_resnet()
+    own = copy.deepcopy(ref)
+    for mod_name, mod in list(own.named_modules()):
+        if isinstance(mod, nn.BatchNorm2d):
+            new = _OwnForwardBN(mod.num_features)
+            new.load_state_dict(mod.state_dict())
+            parent, _, leaf = mod_name.rpartition(".")
+            setattr(own.get_submodule(parent) if parent else own, leaf, new)
+    outs, grads = [], []
+    for model in (ref, own):
+        torch.manual_seed(0)
+        m, model = attached(name, model, x)
+        with torch.no_grad():
+            p = m.theta if name == "gdp" else m.log_alpha
+            p.copy_(torch.linspace(-1.5, 2.0, p.numel()))
+        model.eval()
+        y = model(x)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append((p.grad.clone(), model.layer1[0].bn1.weight.grad.clone()))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    weight = ref.layer1[0].bn1._parameters["weight"]
+    assert isinstance(weight, nn.Parameter)          # restored after the call

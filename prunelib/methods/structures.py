@@ -57,6 +57,14 @@ def mac_model(model: nn.Module, groups: list[ChannelGroup], example_inputs: torc
     return mac_to(MacModel(model, groups, example_inputs), device)
 
 
+def _plain_bn(mod: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's own, with affine parameters (not timm's
+    BatchNormAct2d, whose forward also applies its activation)."""
+    return (isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            and type(mod).forward is nn.modules.batchnorm._BatchNorm.forward
+            and mod.weight is not None and mod.bias is not None)
+
+
 def channel_gates(method, model: nn.Module, init: float, term: str
                   ) -> tuple["Structures", MacModel, float, nn.Parameter]:
     """The set-up every channel-gate method shares (DMC, GDP, BAR): per-channel factors on
@@ -193,19 +201,38 @@ class Structures:
         self._handles.append(("", h.id))
         if channels:
             for name in self._bn_index:
-                def scale(_mod: nn.Module, _args: tuple, out: torch.Tensor,
-                          name: str = name) -> torch.Tensor:
-                    f = state["f"].index_select(0, self._idx[name])          # (C,)
-                    return out * f.view(1, -1, *[1] * (out.dim() - 2))
-                h = model.get_submodule(name).register_forward_hook(scale)
-                self._handles.append((name, h.id))
+                self._scale(model, name, lambda name=name: state["f"].index_select(
+                    0, self._idx[name]))                                       # (C,)
         else:
             for i, b in enumerate(self.branches):
-                def scale_b(_mod: nn.Module, _args: tuple, out: torch.Tensor,
-                            i: int = i) -> torch.Tensor:
-                    return out * state["f"][i]
-                h = model.get_submodule(b.end).register_forward_hook(scale_b)
-                self._handles.append((b.end, h.id))
+                self._scale(model, b.end, lambda i=i: state["f"][i])        # scalar
+
+    def _scale(self, model: nn.Module, name: str, factor: Callable[[], torch.Tensor]) -> None:
+        """Multiply the output of module `name` by factor() (per channel (C,), or a scalar) in
+        every forward. A plain affine BatchNorm gets it folded into its affine parameters for
+        the call, BN(x; f gamma, f beta) = f BN(x; gamma, beta) exactly (and with the same
+        gradients): C multiplications instead of a pass over the activation. Any other module
+        (conv, linear, a BN subclass with its own forward) has its output multiplied."""
+        mod = model.get_submodule(name)
+        if _plain_bn(mod):
+            saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def on(m: nn.Module, _args: tuple) -> None:
+                f, p = factor(), m._parameters
+                saved.append((p["weight"], p["bias"]))
+                p["weight"], p["bias"] = p["weight"] * f, p["bias"] * f
+
+            def off(m: nn.Module, _args: tuple, _out: torch.Tensor) -> None:
+                if saved:
+                    m._parameters["weight"], m._parameters["bias"] = saved.pop()
+            self._handles.append((name, mod.register_forward_pre_hook(on).id))
+            self._handles.append((name, mod.register_forward_hook(off, always_call=True).id))
+            return
+
+        def scale(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            f = factor()
+            return out * (f.view(1, -1, *[1] * (out.dim() - 2)) if f.dim() else f)
+        self._handles.append((name, mod.register_forward_hook(scale).id))
 
     def strip(self, model: nn.Module) -> None:
         """Take this object's hooks off `model` (the attached model or a deep copy of it)."""
@@ -213,6 +240,7 @@ class Structures:
             mod = model.get_submodule(name)
             mod._forward_pre_hooks.pop(hid, None)
             mod._forward_hooks.pop(hid, None)
+            mod._forward_hooks_always_called.pop(hid, None)
 
     # -- folding and removal -------------------------------------------------------------------
     def plain(self, model: nn.Module, f: torch.Tensor) -> nn.Module:

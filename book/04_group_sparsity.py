@@ -29,10 +29,10 @@
 #    magnitude baseline on real CIFAR-10 ResNet-20 under the book's one protocol.
 #
 # **Run time** (`python book/04_group_sparsity.py`, whole chapter, quick scale):
-# 7 min 0 s and 7 min 8 s (two runs, default torch threads, load average 1.5 to 2) before the
-# "SSL 2D" run was added; with it, 13 min 54 s of CPU time in one thread (39 min wall on a
-# CPU shared with four other jobs, `PRUNELIB_THREADS=1`), so about 8–9 min with two threads
-# on an idle machine (estimated from the CPU time, not measured).
+# **7 min 36 s** on the idle 2-core CPU (default threads; 453 s by the chapter's own clock);
+# 13 min 54 s of CPU time in one thread (`PRUNELIB_THREADS=1`). The "in our run" numbers in
+# the prose are from that idle run; the thread count alone moves single rows by several points
+# (one seed, short chaotic phases), so read orders and gaps, not decimals.
 #
 # The protocol is the book's one protocol, read from `prunelib.pipeline.SCALES` in the setup
 # cell: at `PRUNELIB_SCALE=quick` (default) every method gets 2 epochs of sparse training and
@@ -837,11 +837,11 @@ assert acc_ssl["SSL 2D"]["regularized"] < acc_ssl["SSL"]["regularized"]   # ... 
 # feed a BN collapse to 1–2% of their dense norm and train for the rest of the phase with an
 # effective learning rate thousands of times the nominal one: the sparse phase itself destroys
 # most of the accuracy, and two epochs of fine-tuning do not bring it back (in our run: rows at
-# 1.4% of the dense norm, sparse 37.0%, removed 37.3%, tuned 45.7%, against `l1`'s 84.8%). At
+# 1.9% of the dense norm, sparse 42.9%, removed 42.9%, tuned 56.4%, against `l1`'s 84.8%). At
 # D the rows keep about a sixth of their norm and the sparse phase keeps most of the accuracy
-# (82.5%; OICSR 81.4%), and both end within 2.5 points of `l1` after fine-tuning, but removal
-# is no longer nearly free (−28 and −41 points; recalibration gives back about half and three
-# quarters of it): the push that leaves the kept rows alive leaves the removed ones alive too
+# (83.2%; OICSR 80.1%), and both end within 3 points of `l1` after fine-tuning, but removal
+# is no longer nearly free (−43 and −33 points; recalibration gives back about two thirds and
+# three quarters of it): the push that leaves the kept rows alive leaves the removed ones alive too
 # (compare the *removed* and *recal.* columns). At this scale
 # the group lasso on BN-fed rows trades one for the other; neither reach gives both. (The
 # papers' λ over hundreds of epochs lets the rows settle where the growth that the gradient
@@ -921,14 +921,14 @@ if QUICK:
     assert np.median(w_ratio) < 0.2 < 0.3 < np.median(a_ratio)   # shrunk, yet still talking
 
 # %% [markdown]
-# So GREG's removal is a real perturbation at this scale (in our run 84.9% → 61.0%, −24
-# points, against −28 and −41 for SSL and OICSR at D and −76 for OTO): the
+# So GREG's removal is a real perturbation at this scale (in our run 85.5% → 64.3%, −21
+# points, against −43 and −33 for SSL and OICSR at D and −76 for OTO): the
 # penalty shrank exactly the right filters, to about 5% of the kept ones, but the BN that
 # follows them undid most of it, and the channels still carried 60–80% of a kept channel's
 # signal when they were cut. What the growing penalty bought is visible against `l1`, which
 # removes nearly the same filters — the same per-layer magnitude choice, Section 5 — without any
-# preparation: GREG's *removed* and *recal.* columns (61.0, 79.6) are far above `l1`'s (18.0,
-# 48.8), and after fine-tuning it is slightly ahead (in our run +1.0 ± 0.7 points; it also
+# preparation: GREG's *removed* and *recal.* columns (64.3, 77.5) are far above `l1`'s (18.0,
+# 48.8), and after fine-tuning it is slightly ahead (in our run +1.2 ± 0.7 points; it also
 # trained two epochs more). Among the four, GREG's sparse phase kept the network most intact
 # *and* prepared the removal best; the group-lasso methods prepared it less at the rule's
 # reach (SSL, OICSR), only at the cost of the network at twice the reach (SSL 2D), or not at
@@ -981,7 +981,7 @@ print(f"OTO reach {reach_oto:.3f}; group norms at the start: min {float(norms0.m
 # %% [markdown]
 # So under the common budget OTO's removal is a one-shot ranking of barely changed group norms
 # — a magnitude rule like `l1`'s, but global across layers, with unweighted groups of unequal
-# size (Section 1) — and it loses to `l1` (in our run 80.4% against 84.8% after fine-tuning,
+# size (Section 1) — and it loses to `l1` (in our run 81.1% against 84.8% after fine-tuning,
 # 31.6% against 48.8% after recalibration). How much of that is the allocation across layers?
 # Remove the same number of channels per layer as `l1` did, chosen by OTO's own scores on its
 # sparse model (the same MACs exactly), and recalibrate BN:
@@ -1043,9 +1043,8 @@ for label in ("OTO", "SSL 2D"):
 # fine-tuned with an effective learning rate $1/a^2$ times the nominal one (BN's scale
 # invariance, Section 6). Where the sparse phase collapsed the rows (SSL at 2D, 2% of the dense
 # norm), the unrestored copy is fine-tuned at a learning rate thousands of times too hot and
-# recovers far less in the same steps (in our run 25.5% against 43.0% restored); where the rows
-# barely moved (OTO, 79%), restoring them changes little (70.8% against 72.0%, about 1.4
-# standard errors of a difference).
+# recovers far less in the same steps (in our run 28.6% against 52.7% restored); where the rows
+# barely moved (OTO, 79%), restoring them changes nothing measurable (71.9% against 71.9%).
 #
 # SSL's shape and depth groups (`lam_shape`, `lam_depth`) are available but not used here:
 # kernel positions cannot be removed by channel surgery (`prunelib` keeps them as frozen zeros),

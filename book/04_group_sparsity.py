@@ -1189,7 +1189,8 @@ assert _small[0].out_channels == 5
 # for its pick); (c) give OTO `eps=0.5` and a longer phase (`reg_epochs=...` as a keyword of
 # `run`) and watch `sparsity_history()`; (d) let OICSR prune the trunk (`residual="coupled"`);
 # (e) give OICSR twice the rule's λ (`run(..., strength={"lam": 2 * lam})`, as "SSL 2D" above)
-# and compare its sparse-phase accuracy and row norms with its run at D; (f) run OTO with `restore_norms=False` for the full
+# and compare its sparse-phase accuracy and row norms with its run at D; (f) run OTO with
+# `restore_norms=False` for the full
 # fine-tuning and compare with the probe of Section 8.
 
 # %%

@@ -14,7 +14,7 @@ from prunelib.data import Batches
 from prunelib.methods.base import Context
 from prunelib.methods.ns import group_gamma
 from prunelib.models import get_model
-from prunelib.pipeline import SCALES, Scale, get_scale, run
+from prunelib.pipeline import SCALES, get_scale, run
 from prunelib.results import PHASES, phase_figure, standard_error, table, width_figure
 from prunelib.select import Budget, select_keep
 from prunelib.train import evaluate

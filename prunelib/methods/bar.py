@@ -63,7 +63,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import Context, HParam, Method, register
-from .structures import channel_gates, mac_to
+from .structures import channel_gates, finish_gates, mac_to
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
@@ -214,7 +214,4 @@ class BAR(Method):
         z = self.gates()
         self.gates_off = int((z == 0).sum())
         self.expected_ratio = float(self.expected_macs().detach() / self.mac.dense)
-        small = self.st.plain(model, z)
-        keep = self.select(small, budget, self.scores(model)) if budget is not None else None
-        keep = self.st.zero_keep(z, keep, self.min_channels)
-        return self.st.remove_zero_channels(small, self.all_groups, keep)
+        return finish_gates(self, model, z, budget)

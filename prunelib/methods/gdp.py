@@ -50,7 +50,7 @@ from torch import nn
 from ..graph import ChannelGroup
 from ..select import Budget
 from .base import Context, HParam, Method, register
-from .structures import channel_gates, mac_to
+from .structures import channel_gates, finish_gates, mac_to
 
 
 def smoothed_l0(theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -153,7 +153,4 @@ class GDP(Method):
         g = self.gates()
         self.gates_off = int((g == 0).sum())
         self.gate_macs = float(self.st.soft_macs(self.mac, g) / self.mac.dense)
-        small = self.st.plain(model, g)
-        keep = self.select(small, budget, self.scores(model)) if budget is not None else None
-        keep = self.st.zero_keep(g, keep, self.min_channels)
-        return self.st.remove_zero_channels(small, self.all_groups, keep)
+        return finish_gates(self, model, g, budget)

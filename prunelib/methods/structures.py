@@ -84,6 +84,17 @@ def channel_gates(method, model: nn.Module, init: float, term: str
     return st, mac, target, theta
 
 
+def finish_gates(method, model: nn.Module, g: torch.Tensor, budget: Budget | None
+                 ) -> nn.Module:
+    """What DMC, GDP and BAR do at `finish`: fold the channel factors `g` (n,) into a plain copy
+    of `model`, then remove the channels at 0 and, with a budget, the lowest-scored ones until
+    it holds (`method.select` on `method.scores`); a plain, smaller model."""
+    small = method.st.plain(model, g)
+    keep = method.select(small, budget, method.scores(model)) if budget is not None else None
+    keep = method.st.zero_keep(g, keep, method.min_channels)
+    return method.st.remove_zero_channels(small, method.all_groups, keep)
+
+
 def mac_to(mac: MacModel, device: torch.device) -> MacModel:
     """`mac` with its (float64) tensors moved to `device`, in place."""
     mac.a, mac.d, mac.inc = mac.a.to(device), mac.d.to(device), mac.inc.to(device)

@@ -116,6 +116,17 @@ def follow_model(model: nn.Module, move: Callable[[torch.Tensor], None]) -> int:
     return model.register_forward_pre_hook(pre).id
 
 
+def strip_hooks(model: nn.Module, handles: list[tuple[str, int]]) -> None:
+    """Remove the forward (pre-)hooks `handles` ((module name, hook id) pairs, '' the model
+    itself) from `model`: the model they were registered on, or a deep copy of it (whose hook
+    dicts hold the same ids)."""
+    for name, hid in handles:
+        mod = model.get_submodule(name)
+        mod._forward_pre_hooks.pop(hid, None)
+        mod._forward_hooks.pop(hid, None)
+        mod._forward_hooks_always_called.pop(hid, None)
+
+
 class Structures:
     """The structures a method scales, the hooks that scale them, folding and removal.
 
@@ -247,11 +258,7 @@ class Structures:
 
     def strip(self, model: nn.Module) -> None:
         """Take this object's hooks off `model` (the attached model or a deep copy of it)."""
-        for name, hid in self._handles:
-            mod = model.get_submodule(name)
-            mod._forward_pre_hooks.pop(hid, None)
-            mod._forward_hooks.pop(hid, None)
-            mod._forward_hooks_always_called.pop(hid, None)
+        strip_hooks(model, self._handles)
 
     # -- folding and removal -------------------------------------------------------------------
     def plain(self, model: nn.Module, f: torch.Tensor) -> nn.Module:

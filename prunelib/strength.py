@@ -28,6 +28,13 @@ v_t = 1 + mu b_t; about sum(eta) / (1 - mu) once the momentum has built up;
     OTO       grad(x_g) += lam x_g / ||x_g||              u = V(eta, mu)
     SSL       the same on filters and channels (lam_filter = lam_channel = s)
     OICSR     the same on out-in-channels (scores are squared norms: x = sqrt(score))
+    SSS       APG on the scales: z = S_(eta gamma)(lam - eta g), NAG momentum mu
+                                                          u = `apg_displacement`(eta, mu)
+    GAL       FISTA on the masks every mask_step steps, lam sign(m) in g and the soft
+              threshold eta lam: 2 eta lam per step, FISTA's momentum (no restart)
+                                                          u = `fista_displacement`(eta, k)
+    SSS's scales and GAL's masks all start at the same value (1), so D is that value whatever
+    the budget (no ranking: `Rule.start`); both are resisted (margin applies).
 
 So every method gets the same *per-step push* for the same D: s eta_t per step, against a task
 gradient of the same size. For the methods whose penalized parameters take their steps
@@ -50,10 +57,12 @@ are mostly conv rows that feed a BatchNorm, along which the loss is scale-invari
 (<grad f, w_k> = 0), so nothing resists the radial push and the drift is D itself, whatever
 the margin: a drift of 2D empties the rows of every layer, kept or not, and the rows' effective
 learning rate (prop. to 1 / ||w_k||^2) explodes (measured, same setting: SSL at 2D ends its
-sparse phase at 46% and is fine-tuned to 54%; at D, 83% and 83%, l1 84.8). Methods not in `RULES` (GBN, EagleEye, GReg-2, L1)
-plan their own phase and keep their values. `pipeline.run` applies the rule at every scale but
-'full' when the method's strength parameters are still at their defaults (the papers' values),
-and writes the returned record into `result['strength']`.
+sparse phase at 46% and is fine-tuned to 54%; at D, 83% and 83%, l1 84.8). Methods not in
+`RULES` (GBN, EagleEye, GReg-2, L1; DMC, GDP, BAR and ResRep, whose pressure is the budget
+itself; SCOP, which has no strength) plan their own phase and keep their values.
+`pipeline.run` applies the rule at every scale but 'full' when the method's strength
+parameters are still at their defaults (the papers' values), and writes the returned record
+into `result['strength']`.
 """
 from __future__ import annotations
 
@@ -86,6 +95,7 @@ class Rule:
     schedule: Callable[[Method, list[float]], dict[str, float]] | None = None  # not drift-based
     applies: Callable[[Method], bool] = lambda m: True
     resisted: bool = True        # False: nothing resists the push, the drift is D (no margin)
+    start: Callable[[Method], float] | None = None   # every factor starts here: D, any budget
 
 
 def sgd_displacement(lrs: list[float], momentum: float, nesterov: bool = True) -> float:
@@ -96,6 +106,41 @@ def sgd_displacement(lrs: list[float], momentum: float, nesterov: bool = True) -
         buf = momentum * buf + 1.0
         total += lr * (1.0 + momentum * buf if nesterov and momentum > 0 else buf)
     return total
+
+
+def apg_displacement(lrs: list[float], momentum: float) -> float:
+    """How far SSS's APG (NAG form: z = lam - eta g; v = mu v + (z - lam); lam = z + mu v)
+    moves a scale under a constant unit push over steps with learning rates `lrs`."""
+    lam = v = 0.0
+    for eta in lrs:
+        z = lam + eta
+        v = momentum * v + (z - lam)
+        lam = z + momentum * v
+    return lam
+
+
+def fista_displacement(lrs: list[float], every: int, per_step: float = 2.0) -> float:
+    """How far GAL's FISTA (a step every `every` iterations, t' = (1 + sqrt(1 + 4 t^2)) / 2,
+    y = m + ((t - 1) / t')(m - m_prev), m = y - eta g) moves a mask under a constant push of
+    `per_step` per unit strength and unit lr (2: lam sign(m) in g plus the soft threshold)."""
+    m = prev = 0.0
+    t, k = 1.0, 0
+    for i, eta in enumerate(lrs, 1):
+        if i % every:
+            continue
+        y = m
+        if k:
+            t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            y = m + (t - 1) / t_new * (m - prev)
+            t = t_new
+        prev, m, k = m, y + per_step * eta, k + 1
+    return m
+
+
+def _gal_unit(m: Method, lrs: list[float], mu: float, model: nn.Module) -> float:
+    from .methods.gal import OFFICIAL_MASK_STEP, OFFICIAL_STEPS
+    every = m.mask_step or max(1, round(OFFICIAL_MASK_STEP * len(lrs) / OFFICIAL_STEPS))
+    return fista_displacement(lrs, every)
 
 
 def _gamma_of(method: Method, model: nn.Module) -> dict[int, torch.Tensor]:
@@ -132,6 +177,10 @@ RULES: dict[str, Rule] = {
     "oicsr": Rule(("lam",), lambda m, lrs, mu, _: sgd_displacement(lrs, mu),
                   lambda m, model: {i: s.sqrt() for i, s in m.scores(model).items()},
                   resisted=False),
+    "sss": Rule(("gamma",), lambda m, lrs, mu, _: apg_displacement(lrs, m.momentum),
+                start=lambda m: m.lam_init),
+    "gal": Rule(("lam",), _gal_unit, start=lambda m: 1.0,
+                applies=lambda m: m.mask_init == "ones"),
     "greg": Rule(("delta",), lambda m, lrs, mu, _: 1.0,
                  schedule=lambda m, lrs: {"delta": m.tau * m.k_u / max(len(lrs) / 2, 1)},
                  applies=lambda m: m.variant == "greg1"),
@@ -179,6 +228,14 @@ def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget,
         lrs = phase_lrs(ctx, len(ctx.train_loader))
         return {"rule": "schedule", "params": rule.schedule(method, lrs), "steps": len(lrs),
                 "sum_lr": sum(lrs)}
+    lrs = phase_lrs(ctx, len(ctx.train_loader))
+    if rule.start is not None:          # every factor starts at D: no ranking, any budget
+        d, margin = float(rule.start(method)), margin if rule.resisted else 1.0
+        unit = rule.unit(method, lrs, ctx.momentum, model)
+        return {"rule": "target drift", "params": {p: margin * d / unit for p in rule.params},
+                "D": d, "unit": unit, "removed": None, "prunable": None,
+                "quantile": quantile, "margin": margin, "resisted": rule.resisted,
+                "steps": len(lrs), "sum_lr": sum(lrs)}
     probe, work = copy.deepcopy(method), copy.deepcopy(model)
     probe.ctx = ctx
     probe.attach(work, groups)
@@ -195,7 +252,6 @@ def target_drift(method: Method, model: nn.Module, groups: list, budget: Budget,
     if gone_t.numel() == 0:
         raise ValueError(f"{method.name}: the budget {budget} removes no channel the method "
                          "penalizes, so no strength can be derived; give the strength yourself")
-    lrs = phase_lrs(ctx, len(ctx.train_loader))
     unit = rule.unit(probe, lrs, ctx.momentum, work)
     d = float(torch.quantile(gone_t, quantile))
     margin = margin if rule.resisted else 1.0

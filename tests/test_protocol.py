@@ -190,6 +190,52 @@ def test_momentum_free_methods_get_the_same_push_as_the_others():
         strength.sgd_displacement([0.01 * v for v in w], 0.9))
 
 
+def _scale_method(name, **hp):
+    torch.manual_seed(0)
+    model, x = get_model("resnet20"), torch.randn(1, 3, 32, 32)
+    m = methods.get(name, **hp)
+    m.ctx = Context(example_inputs=x, lr=0.02)
+    return m, m.attach(model, pl.channel_groups(model, x))
+
+
+def test_sss_drift_per_unit_gamma_is_what_its_apg_moves_a_scale_without_task_gradient():
+    lrs = strength.phase_lrs(Context(None, train_loader=range(79), epochs=2.0, lr=0.02), 79)
+    sss, model = _scale_method("sss", gamma=1e-2)
+    for lr in lrs:                       # the APG step with g = 0: only the L1 term pushes
+        sss.param_groups(model, lr, 0.0)
+        sss.lam.grad = torch.zeros_like(sss.lam)
+        sss.after_backward(model)
+        sss.after_step(model)
+    unit = strength.RULES["sss"].unit(sss, lrs, 0.9, model)
+    assert 1.0 - sss.lam.detach() == pytest.approx(torch.full_like(sss.lam, 1e-2 * unit),
+                                                   rel=1e-4)
+
+
+def test_gal_drift_per_unit_lam_is_what_its_fista_moves_a_mask_under_the_l1_term():
+    lrs = strength.phase_lrs(Context(None, train_loader=range(79), epochs=2.0, lr=0.02), 79)
+    gal, model = _scale_method("gal", lam=1e-2, mask_step=3)
+    for lr in lrs:                       # g = the L1 term's gradient lam sign(m) alone
+        gal.param_groups(model, lr, 0.0)
+        gal.loss_term(model).backward()
+        gal.after_backward(model)
+        gal.after_step(model)
+    unit = strength.RULES["gal"].unit(gal, lrs, 0.9, model)
+    assert 1.0 - gal.m.detach() == pytest.approx(torch.full_like(gal.m, 1e-2 * unit), rel=1e-4)
+    assert strength.fista_displacement(lrs, 3) < strength.fista_displacement(lrs, 1)
+
+
+def test_scale_rules_reach_margin_times_the_initial_scale_whatever_the_budget():
+    x = torch.randn(1, 3, 32, 32)
+    ctx = Context(example_inputs=x, train_loader=range(79), epochs=2.0, lr=0.02)
+    for name, param in (("sss", "gamma"), ("gal", "lam")):
+        recs = [strength.target_drift(methods.get(name), get_model("resnet20"), [],
+                                      Budget(macs=r), ctx, margin=2.0) for r in (0.3, 0.7)]
+        assert recs[0]["params"] == recs[1]["params"]
+        assert recs[0]["D"] == 1.0 and recs[0]["margin"] == 2.0
+        assert recs[0]["params"][param] * recs[0]["unit"] == pytest.approx(2.0)
+    assert not strength.has_rule(methods.get("gal", mask_init="normal"))
+
+
 def test_uses_defaults_tells_a_paper_value_from_a_given_one():
     assert strength.uses_defaults(methods.get("ns"))
     assert not strength.uses_defaults(methods.get("ns", lam=1e-3))

@@ -1164,6 +1164,14 @@ def nonneg_soft_threshold(z: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 # %%
+# check: ch1.nonneg-prox (3 points)
+def _names(code) -> set:          # every name the answer refers to (nested code included)
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts
+                                      if hasattr(c, "co_names")))
+
+
+assert not _names(nonneg_soft_threshold.__code__) & {"soft_threshold", "methods"}, \
+    "derive it: no prunelib thresholding function"
 _z = torch.linspace(-3, 3, 61, dtype=torch.float64)
 _u = nonneg_soft_threshold(_z, 0.7)
 assert _u.shape == _z.shape and _u.dtype == _z.dtype and (_u >= 0).all()
@@ -1176,7 +1184,7 @@ assert torch.equal(nonneg_soft_threshold(_z, 0.0), _z.clamp_min(0))
 # %% [markdown]
 # **Exercise 2 — MACs of a convolution by hand.** Return the multiply-accumulates per image of
 # `conv` (an `nn.Conv2d` with integer `padding`) on an `h x w` input; mind stride, dilation and
-# groups. The check compares with `pl.count`.
+# groups. The check compares with `pl.count` (so your answer may not call it).
 
 # %%
 def conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:
@@ -1190,6 +1198,14 @@ def conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:
 
 
 # %%
+# check: ch1.conv-macs (2 points)
+def _names(code) -> set:          # every name the answer refers to (nested code included)
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts
+                                      if hasattr(c, "co_names")))
+
+
+assert not _names(conv_macs.__code__) & {"count", "layer_macs", "flop_counter", "measure"}, \
+    "count the MACs by hand, not with prunelib or torch's counter"
 for _cfg in [dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
              dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, groups=32),
              dict(in_channels=12, out_channels=18, kernel_size=5, stride=2, padding=2, groups=3),
@@ -1215,6 +1231,7 @@ def group_of(groups: list, layer: str) -> int | None:
 
 
 # %%
+# check: ch1.group-of (2 points)
 _m = get_model("resnet20")
 _gs = pl.channel_groups(_m, torch.randn(1, 3, 32, 32))
 for _name in ["conv1", "layer1.0.conv1", "layer2.1.conv2", "layer3.2.conv1"]:
@@ -1226,6 +1243,89 @@ for _name in ["conv1", "layer1.0.conv1", "layer2.1.conv2", "layer3.2.conv1"]:
 assert group_of(_gs, "fc") is None                                       # classifier: frozen
 assert group_of(_gs, "layer1.0.conv2") == group_of(_gs, "layer3.0.conv2")  # option A couples
 assert group_of(_gs, "layer1.0.conv1") != group_of(_gs, "layer1.1.conv1")
+
+# %% [markdown]
+# **Exercise 4 — derivation: what momentum makes of a constant push.** Section 6 measured the
+# reach of a penalty with $V = \sum_s \eta_s (1 + \mu\nu_s)$, $\nu_s = \mu\nu_{s-1} + 1$,
+# $\nu_0 = 0$, over the steps $s = 1, \dots, S$ of a phase. For a constant learning rate
+# $\eta$, solve the recursion for $\nu_s$, sum the two geometric series, and implement
+# $V(\eta, \mu, S)$ in closed form (no loop over the steps, no `prunelib.strength`). Then read
+# your formula: as $S \to \infty$, $V$ stays a constant below $\eta S / (1 - \mu)$. How many
+# steps at the steady-state push $\eta / (1 - \mu)$ does the build-up of the momentum cost at
+# $\mu = 0.9$, and does that matter for a sparse phase of a few hundred steps? The check runs
+# torch's SGD (Nesterov, as `fit`) on one parameter with a constant unit gradient.
+
+# %%
+def constant_lr_reach(eta: float, mu: float, steps: int) -> float:
+    """V = sum over s = 1..S of eta * (1 + mu * nu_s), in closed form (S = steps)."""
+    ### BEGIN SOLUTION
+    return eta * (steps / (1 - mu) - mu ** 2 * (1 - mu ** steps) / (1 - mu) ** 2)
+    ### END SOLUTION
+
+
+# %%
+# check: ch1.momentum-reach (3 points)
+def _names(code) -> set:          # every name the answer refers to (nested code included)
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts
+                                      if hasattr(c, "co_names")))
+
+
+assert not _names(constant_lr_reach.__code__) & {"range", "arange", "cumsum", "strength",
+                                                  "sgd_displacement", "optim", "SGD"}, \
+    "a closed form: no loop over the steps, no optimizer, no prunelib.strength"
+for _eta, _mu in ((0.05, 0.9), (0.3, 0.5), (0.1, 0.0)):
+    _p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    _opt = torch.optim.SGD([_p], lr=_eta, momentum=_mu, nesterov=_mu > 0)
+    for _s in range(1, 201):
+        _p.grad = torch.ones_like(_p)                     # a constant unit gradient
+        _opt.step()
+        if _s in (1, 2, 5, 50, 200):                      # the parameter moved by -V
+            _v = constant_lr_reach(_eta, _mu, _s)
+            assert abs(_v + float(_p)) <= 1e-9 * (1 + abs(_v)), (_eta, _mu, _s)
+
+# %% [markdown]
+# **Exercise 5 — experiment: what is one channel worth?** For every group of ResNet-20 (option
+# A), remove one channel with `pl.remove_channels` and measure with `pl.count` how many MACs
+# per image that saves; return `{group index: MACs saved}`. Then read the numbers: how many
+# internal channels of stage 1 is one channel of the stage-1 trunk group worth, and why (in how
+# many layers does it appear)? What does that say about the rates of L1 'internal' and
+# 'coupled' in Section 6? The check recomputes every saving from the MACs formula of Section 1,
+# layer by layer.
+
+# %%
+def macs_per_channel(model: nn.Module, example: torch.Tensor) -> dict[int, int]:
+    """{group index: MACs per image saved by removing one channel of that group}."""
+    ### BEGIN SOLUTION
+    groups = pl.channel_groups(model, example)
+    dense = pl.count(model, example)[0]
+    saved = {}
+    for g in groups:
+        small = pl.remove_channels(model, groups, {g.index: torch.arange(1, g.size)})
+        saved[g.index] = dense - pl.count(small, example)[0]
+    return saved
+    ### END SOLUTION
+
+
+# %%
+# check: ch1.channel-worth (3 points)
+_m, _x = get_model("resnet20"), torch.randn(1, 3, 32, 32)
+_pos = {}                                  # output positions P of every conv and linear layer
+for _n, _mod in _m.named_modules():
+    if isinstance(_mod, (nn.Conv2d, nn.Linear)):
+        _mod.register_forward_hook(lambda mod, i, o, n=_n: _pos.update({n: o[0, 0].numel()}))
+with torch.no_grad():
+    _m(_x)
+_gs = pl.channel_groups(_m, _x)
+_want = {}
+for _g in _gs:                             # P (c_in / G) k^2 per output row, P c_out k^2 per input
+    _want[_g.index] = sum(
+        _pos[_b.module] * (_b.tensor(_m)[0] if _b.role == "out" else _b.tensor(_m)[:, 0]).numel()
+        for _b in _g.members if _b.param == "weight" and _b.role in ("out", "in"))
+_got = macs_per_channel(get_model("resnet20"), torch.randn(1, 3, 32, 32))
+assert _got == _want, {i: (_got.get(i), v) for i, v in _want.items()}
+_trunk = next(g.index for g in _gs if "conv1" in g.sources)           # the stage-1 stream
+assert _got[_trunk] > 5 * max(v for i, v in _got.items()
+                             if not _gs[i].coupled)   # worth more than 5 internal channels
 
 # %% [markdown]
 # **Going further** (no check): (a) rerun NS with the paper's λ at the quick scale,

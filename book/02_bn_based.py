@@ -909,6 +909,15 @@ def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, delta: float,
 
 
 # %%
+# check: ch2.scp-grads (3 points)
+def _names(code) -> set:          # every name the answer refers to (nested code included)
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts
+                                      if hasattr(c, "co_names")))
+
+
+assert not _names(scp_penalty_grads.__code__) & {
+    "grad", "backward", "autograd", "func", "jacrev", "jacfwd", "vjp", "ndtr", "erf", "erfc",
+    "methods"}, "derive the closed form: no autograd, no numerical differentiation"
 _g = torch.tensor([0.5, -1.2, 2.0, 0.3, 0.8], dtype=torch.float64)
 _b = torch.tensor([0.2, -0.4, 1.0, 0.05, 0.1], dtype=torch.float64)
 _pen = lambda g, b: 0.7 * ndtr((b - 0.1) / g.abs()).sum()  # noqa: E731
@@ -932,6 +941,7 @@ def off_probability(gamma: torch.Tensor, beta: torch.Tensor, delta: float) -> to
 
 
 # %%
+# check: ch2.off-prob (2 points)
 _g = torch.tensor([0.5, -1.0, 2.0, 0.1, 1.0])
 _b = torch.tensor([0.2, -0.5, 1.0, 0.05, 0.0])
 _x = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0))
@@ -958,6 +968,7 @@ def fold_1x1(weight: torch.Tensor, bias: torch.Tensor | None, removed: torch.Ten
 
 
 # %%
+# check: ch2.fold-1x1 (2 points)
 _gen = torch.Generator().manual_seed(1)
 _w = torch.randn(6, 8, 1, 1, generator=_gen, dtype=torch.float64)
 _rm = torch.tensor([1, 4, 5])
@@ -989,6 +1000,7 @@ def melt(bn: nn.BatchNorm2d, phi: torch.Tensor, mask: torch.Tensor) -> nn.BatchN
 
 
 # %%
+# check: ch2.melt-gate (2 points)
 _bn = nn.BatchNorm2d(6).eval()
 with torch.no_grad():
     _bn.weight.uniform_(0.5, 1.5)
@@ -1029,6 +1041,7 @@ def lasso_runs(X: torch.Tensor, y: torch.Tensor, lam: float, lr: float,
 
 
 # %%
+# check: ch2.sub-vs-prox (3 points)
 _gen = torch.Generator().manual_seed(0)
 _X = torch.randn(200, 30, generator=_gen, dtype=torch.float64)
 _w_true = torch.zeros(30, dtype=torch.float64)

@@ -1084,8 +1084,9 @@ for label in ("OTO", "SSL 2D"):
 # student version. Exercises only rely on the setup cell.
 #
 # **Exercise 1 — SSL's filter-group subgradient.** For a conv weight `w` of shape
-# (out, in, kh, kw), return $\lambda\, w_n / \|w_n\|$ for every filter $n$ (0 for a zero
-# filter). The check compares with autograd of $\lambda\sum_n\|w_n\|$.
+# (out, in, kh, kw), return $\lambda\, W_j / \|W_j\|$ for every filter $j$ (0 for a zero
+# filter). The check compares with autograd of $\lambda\sum_j\|W_j\|$ (so your answer may not
+# use autograd).
 # %%
 def filter_lasso_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
     ### BEGIN SOLUTION
@@ -1095,6 +1096,15 @@ def filter_lasso_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 # %%
+# check: ch4.filter-grad (2 points)
+def _names(code) -> set:          # every name the answer refers to (nested code included)
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts
+                                      if hasattr(c, "co_names")))
+
+
+assert not _names(filter_lasso_grad.__code__) & {
+    "grad", "backward", "autograd", "func", "jacrev", "jacfwd", "vjp", "methods"}, \
+    "write the subgradient yourself: no autograd"
 _w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
 _w[2] = 0.0
 _g = filter_lasso_grad(_w, 0.3)
@@ -1123,6 +1133,7 @@ def half_space_project(x: torch.Tensor, x_hat: torch.Tensor, eps: float) -> torc
 
 
 # %%
+# check: ch4.half-space (2 points)
 _gen = torch.Generator().manual_seed(3)
 _x = torch.randn(50, 7, generator=_gen, dtype=torch.float64)
 _x[:5] = 0.0
@@ -1159,6 +1170,14 @@ def zero_zig_(seq: nn.Sequential, k: int) -> None:
 
 
 # %%
+# check: ch4.zero-group (2 points)
+def _names(code) -> set:          # every name the answer refers to (nested code included)
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts
+                                      if hasattr(c, "co_names")))
+
+
+assert not _names(zero_zig_.__code__) & {"zero_", "channel_groups", "members", "rows"}, \
+    "name the tensors yourself: no prunelib group"
 torch.manual_seed(1)
 _seq = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                      nn.Conv2d(6, 4, 3, padding=1))
@@ -1179,6 +1198,86 @@ _small = pl.remove_channels(_seq, _gs, {0: torch.tensor([0, 1, 3, 4, 5])}).eval(
 with torch.no_grad():
     assert torch.allclose(_small(_xin), _seq(_xin), atol=1e-6)
 assert _small[0].out_channels == 5
+
+# %% [markdown]
+# **Exercise 4 — derivation: the proximal operator of the weighted group lasso.** Derive
+# $\operatorname{prox}_{\theta c_g\|\cdot\|_2}(z_g) = \arg\min_u \tfrac12\|u - z_g\|_2^2 +
+# \theta c_g\|u\|_2$ from the optimality condition $0 \in u - z_g + \theta c_g\,\partial\|u\|_2$
+# with the subdifferential of Section 1: for $u \ne 0$, show that $u$ is a positive multiple of
+# $z_g$ and find the multiple; then find when $u = 0$ is optimal. Implement it for the rows of a
+# (groups, d) matrix `z`, a threshold $\theta = \eta\lambda \ge 0$ and per-group weights `c`
+# ($c_g = 1$: the methods of this chapter; $c_g = \sqrt{p_g}$: Yuan & Lin). Then say, from your
+# formula, below which size per weight a group of $p_g$ weights of similar size is zeroed, with
+# and without the $\sqrt{p_g}$ weights. The check uses the optimality conditions, not a
+# reference implementation.
+
+# %%
+def weighted_block_prox(z: torch.Tensor, theta: float, c: torch.Tensor) -> torch.Tensor:
+    """Row g of the result: argmin_u 0.5 ||u - z_g||^2 + theta * c_g * ||u||_2."""
+    ### BEGIN SOLUTION
+    norm = z.norm(dim=1, keepdim=True)
+    return (1 - theta * c[:, None] / norm.clamp_min(1e-300)).clamp_min(0) * z
+    ### END SOLUTION
+
+
+# %%
+# check: ch4.block-prox (3 points)
+_gen = torch.Generator().manual_seed(4)
+_z = torch.randn(60, 5, generator=_gen, dtype=torch.float64) * torch.logspace(
+    -1, 0.5, 60, dtype=torch.float64)[:, None]                  # group norms over a wide range
+_z[7] = 0.0
+for _theta, _c in ((0.4, torch.ones(60, dtype=torch.float64)),
+                   (0.25, torch.rand(60, generator=_gen, dtype=torch.float64) * 3)):
+    _u = weighted_block_prox(_z, _theta, _c)
+    assert _u.shape == _z.shape and _u.dtype == _z.dtype
+    _nu = _u.norm(dim=1)
+    _on = _nu > 0
+    _kkt = _u[_on] - _z[_on] + (_theta * _c[_on] / _nu[_on])[:, None] * _u[_on]
+    assert _kkt.abs().max() < 1e-10                             # u != 0: the gradient is 0
+    assert bool((_z[~_on].norm(dim=1) <= _theta * _c[~_on] + 1e-12).all())   # u = 0: 0 in it
+    assert 5 < int((~_on).sum()) < 55                            # some groups zeroed, not all
+    assert bool(((_u == 0).all(1) | (_u != 0).all(1)).all())     # whole groups
+
+# %% [markdown]
+# **Exercise 5 — experiment: how much hotter does a shrunk row train?** Section 6 claims that a
+# conv row that feeds a BatchNorm, scaled by $\alpha > 0$, turns $1/\alpha^2$ times as far in
+# one SGD step. Measure it: `turn_angle(model, x, y, k, alpha, lr)` takes a model whose
+# `model[0]` is a conv without bias followed by a BatchNorm (training mode), scales row `k` of
+# the conv by `alpha` *in a copy* of the model, takes one plain SGD step of size `lr` (no
+# momentum, no weight decay) on the cross-entropy of `(x, y)`, and returns the angle in radians
+# between row `k` before and after the step. The check measures a few values of $\alpha$ and
+# compares the ratios with the law; then ask yourself what a row shrunk 50-fold by a sparse
+# phase needs before fine-tuning.
+
+# %%
+def turn_angle(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, alpha: float,
+               lr: float) -> float:
+    """Angle (radians) by which one SGD step turns row k of model[0], scaled by alpha."""
+    ### BEGIN SOLUTION
+    m = copy.deepcopy(model).train()
+    w = m[0].weight
+    with torch.no_grad():
+        w[k] *= alpha
+    before = w[k].detach().clone()
+    F.cross_entropy(m(x), y).backward()
+    after = before - lr * w.grad[k]
+    cos = (before * after).sum() / (before.norm() * after.norm())
+    return float(torch.arccos(cos.clamp(-1.0, 1.0)))
+    ### END SOLUTION
+
+
+# %%
+# check: ch4.hot-rows (3 points)
+torch.manual_seed(5)
+_net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, eps=1e-12),
+                     nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+_xin, _yin = torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.arange(16) % 4
+_w0 = _net[0].weight.detach().clone()
+_ang = {_a: turn_angle(_net, _xin, _yin, 3, _a, 1e-3) for _a in (1.0, 0.1, 0.02)}
+assert torch.equal(_net[0].weight, _w0) and _net[0].weight.grad is None   # the model untouched
+assert 0 < _ang[1.0] < 1e-3
+for _a in (0.1, 0.02):                     # tan of the turn grows exactly as 1 / alpha^2
+    assert abs(math.tan(_ang[_a]) / math.tan(_ang[1.0]) * _a ** 2 - 1) < 1e-4, (_a, _ang)
 
 # %% [markdown]
 # **Going further** (no check): (a) rerun Section 7 with the papers' strengths: pass them

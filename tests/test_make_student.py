@@ -6,6 +6,7 @@ checks start a subprocess that imports nothing heavy.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def soft(x, t):
     {E}
 
 # %%
+# check: ch1.soft (2 points)
 assert soft(3.0, 1.0) == 2.0 and soft(-0.5, 1.0) == 0.0
 
 # %% [markdown]
@@ -57,6 +59,7 @@ answer = 6 * 7
 {E}
 
 # %%
+# check: ch1.top-level (1 point)
 assert answer == 42
 """
 
@@ -115,7 +118,7 @@ def test_check_accepts_a_good_chapter_and_executes_both_versions(tmp_path):
 
 
 def test_check_reports_exercise_without_check_cell(tmp_path):
-    text = GOOD.replace("# %%\nassert answer == 42\n", "")
+    text = GOOD.replace("# %%\n# check: ch1.top-level (1 point)\nassert answer == 42\n", "")
     problems = ms.check_chapter(write(tmp_path, text), execute=False)
     assert any("not followed by a check" in p for p in problems)
 
@@ -156,7 +159,8 @@ def test_check_reports_syntax_error_in_student_version(tmp_path):
 
 def test_check_reports_exercise_in_setup_cell(tmp_path):
     text = GOOD.replace('SCALE = "quick"\n', f'{B}\nSCALE = "quick"\n{E}\n', 1)
-    text = text.replace("# %%\ndef soft", "# %%\nassert SCALE == 'quick'\n\n# %%\ndef soft")
+    text = text.replace("# %%\ndef soft", "# %%\n# check: ch1.setup (1 point)\n"
+                        "assert SCALE == 'quick'\n\n# %%\ndef soft")
     problems = ms.check_chapter(write(tmp_path, text), execute=False)
     assert any("setup cell" in p for p in problems)
 
@@ -179,6 +183,101 @@ def test_cli_writes_student_file_and_check_exit_status(tmp_path):
     r = subprocess.run([sys.executable, tool, str(bad), "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and not (out / bad.name).exists()
+
+
+def test_check_line_gives_id_and_points():
+    assert ms.parse_check_line("# check: ch2.scp-grads (2 points)", 2) == ("ch2.scp-grads", 2)
+    assert ms.parse_check_line("# check: ch12.a1-b (1 point)\n") == ("ch12.a1-b", 1)
+    assert ms.parse_check_line("# check: ch3.x (1.5 points)", 3) == ("ch3.x", 1.5)
+    _, _, exercises = ms.static_problems(GOOD, "01_tiny.py")
+    assert [(e.id, e.points) for e in exercises] == [("ch1.soft", 2), ("ch1.top-level", 1)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("assert soft(3.0, 1.0) == 2.0", "first line is not a check line"),
+    ("# check: ch1.Soft (2 points)", "malformed check line"),
+    ("# check: ch1.soft_x (2 points)", "malformed check line"),
+    ("# check: ch1.soft (2 pts)", "malformed check line"),
+    ("# check: ch1.soft", "malformed check line"),
+    ("#check: ch1.soft (2 points)", "malformed check line"),
+    ("# check: ch1.soft (0 points)", "points must be positive"),
+    ("# check: ch2.soft (2 points)", "must start with 'ch1.'"),
+    ("# check: ch1.top-level (1 point)", "used twice"),
+])
+def test_check_reports_bad_or_duplicate_check_lines(tmp_path, line, message):
+    text = GOOD.replace("# check: ch1.soft (2 points)", line)
+    if not line.startswith("# check"):
+        text = text.replace(line + "\n", line + "\n", 1)
+    problems = ms.check_chapter(write(tmp_path, text), execute=False)
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_check_reports_check_line_in_a_cell_that_follows_no_exercise(tmp_path):
+    text = GOOD.replace("# %% [markdown]\n# ## Exercise 1",
+                        "# %%\n# check: ch1.stray (1 point)\nx = 1\n\n# %% [markdown]\n"
+                        "# ## Exercise 1")
+    problems = ms.check_chapter(write(tmp_path, text), execute=False)
+    assert len(problems) == 1 and "does not follow an exercise" in problems[0]
+
+
+def test_release_writes_student_notebooks_and_an_answer_key(tmp_path):
+    chap = write(tmp_path, GOOD)
+    key = ms.release([chap], tmp_path / "out")
+    nb = json.loads((tmp_path / "out" / "student" / "01_tiny.ipynb").read_text())
+    src = ["".join(c["source"]) for c in nb["cells"]]
+    assert sum("raise NotImplementedError()" in c for c in src) == 2
+    assert any(c.startswith("# check: ch1.soft (2 points)") for c in src)      # checks kept
+    assert nb["metadata"]["prunelib"] == {"chapter": "01_tiny", "exercises": [
+        {"id": "ch1.soft", "points": 2}, {"id": "ch1.top-level", "points": 1}]}
+    saved = json.loads((tmp_path / "out" / "answers" / "answers.json").read_text())
+    assert saved == key and key["total_points"] == 3
+    ex = {e["id"]: e for e in key["chapters"]["01_tiny"]["exercises"]}
+    assert "answer = 6 * 7" in ex["ch1.top-level"]["solution"] and B not in str(key)
+    assert ex["ch1.soft"]["check"].startswith("# check: ch1.soft (2 points)\n")
+    assert key["chapters"]["01_tiny"]["setup"].startswith('SCALE = "quick"')
+    assert "copysign" in (tmp_path / "out" / "answers" / "01_tiny.md").read_text()
+    assert not list((tmp_path / "out" / "student").glob("*.md"))              # key kept apart
+
+
+def test_release_refuses_a_chapter_that_breaks_the_convention(tmp_path):
+    bad = write(tmp_path, GOOD.replace("# check: ch1.soft (2 points)\n", ""))
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_student.py"), str(bad),
+                        "--release", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 1 and "not a check line" in r.stderr
+    assert not (tmp_path / "out" / "student" / "01_tiny.ipynb").exists()
+
+
+def test_leak_check_finds_a_solution_line_in_a_notebook(tmp_path):
+    chap = ms.parse(GOOD)
+    nb = {"cells": [{"cell_type": "code", "source": ["def soft(x, t):\n",
+                                                     "    return y\n"]}]}
+    assert ms.leaks(json.dumps(nb), chap) == ["return y"]
+    assert ms.leaks(ms.make_student(GOOD), chap) == []
+
+
+def test_released_book_notebooks_hold_no_solution_line(tmp_path):
+    # every chapter of the book, released (static: nothing is executed)
+    paths = ms.chapters(ROOT / "book")
+    key = ms.release(paths, tmp_path)
+    for p in paths:
+        text = (tmp_path / "student" / f"{p.stem}.ipynb").read_text()
+        chap = ms.parse(p.read_text())
+        assert ms.leaks(text, chap) == []
+        secret = ms.secret_lines(chap)
+        cells = json.loads(text)["cells"]
+        src = ["".join(c["source"]) for c in cells]
+        assert not [ln for c in src for ln in c.splitlines() if ln.strip() in secret]
+        assert sum("".join(c["source"]).count("raise NotImplementedError()") for c in cells
+                   if c["cell_type"] == "code") == len(chap.regions)
+        n = ms.chapter_number(p.name)
+        assert all(e["id"].startswith(f"ch{n}.") for e in key["chapters"][p.stem]["exercises"])
+
+
+@pytest.mark.parametrize("chapter", [p for p in ms.chapters(ROOT / "book")
+                                     if p.name[:2] in ("01", "02", "04")], ids=lambda p: p.name)
+def test_book_chapter_has_five_priced_exercises(chapter):
+    _, _, exercises = ms.static_problems(chapter.read_text(), str(chapter))
+    assert len(exercises) >= 5 and all(e.points > 0 for e in exercises)
 
 
 @pytest.mark.parametrize("chapter", ms.chapters(ROOT / "book"), ids=lambda p: p.name)

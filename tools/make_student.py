@@ -33,7 +33,21 @@ The student version replaces every region from `### BEGIN SOLUTION` to `### END 
                            a student who has not answered yet) + check cell must raise.
       So every check grades its own exercise: it passes on the answer and fails on the stub.
       This requires exercises to be self-contained given the setup cell (and the setup cell to
-      be cheap: it runs once per exercise).
+      be cheap: it runs once per exercise);
+  (e) the first line of every check cell names and prices its exercise, exactly
+          # check: chN.<short-id> (<P> points)
+      with N the chapter's number (the file's NN_ prefix), a short id of lower-case letters and
+      digits joined by '-', P > 0 (`(1 point)` is accepted too); ids are unique; a code cell
+      that does not follow an exercise has no such line.
+
+`--release OUT` writes what an instructor hands out and keeps (every chapter by default):
+    OUT/student/NN_name.ipynb   the student notebooks (solutions stubbed, checks kept; the ids
+                                and points in the notebook metadata under "prunelib")
+    OUT/answers/answers.json    the answer key: per chapter the setup cell, and per exercise id
+                                its points, solution cell and check cell (tools/grade.py --key)
+    OUT/answers/NN_name.md      the same, to read
+and refuses (exit status 1) when a chapter breaks (a)-(c) or (e), or a student notebook would
+hold a solution line.
 """
 from __future__ import annotations
 
@@ -53,6 +67,9 @@ END = "### END SOLUTION"
 STUB = "raise NotImplementedError()"
 _NEAR_MISS = re.compile(r"^\s*#+\s*(BEGIN|END)[\s_]*SOLUTION\b", re.IGNORECASE)
 _CELL = re.compile(r"^# %%(?=\s|$)")
+CHECK_FORMAT = "# check: chN.<short-id> (<P> points)"
+_CHECK = re.compile(r"# check: ch(\d+)\.([a-z0-9]+(?:-[a-z0-9]+)*) \((\d+(?:\.\d+)?) points?\)")
+_CHECK_NEAR = re.compile(r"\s*#\s*check\b", re.IGNORECASE)
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -208,10 +225,41 @@ def _has_assert(code: str) -> bool:
 # -- the checks --------------------------------------------------------------------------------
 @dataclass
 class Exercise:
-    name: str             # 'line N' of the exercise cell, for messages
+    name: str             # its id and the line of the exercise cell, for messages
     solution: str         # the exercise cell with markers removed
     student: str          # the exercise cell with regions stubbed
     check: str            # the check cell
+    id: str = ""          # 'chN.short-id' from the check line
+    points: float = 0.0
+
+
+def chapter_number(name: str) -> int | None:
+    """N of a chapter file NN_name.py (None for a name without the NN_ prefix)."""
+    m = re.match(r"(\d+)_", Path(name).name)
+    return int(m.group(1)) if m else None
+
+
+def parse_check_line(line: str, number: int | None = None) -> tuple[str, float]:
+    """(id, points) of a check cell's first line; ValueError saying what is wrong."""
+    line = line.rstrip("\r\n")
+    m = _CHECK.fullmatch(line)
+    if m is None:
+        if not _CHECK_NEAR.match(line):
+            raise ValueError(f"its first line is not a check line {CHECK_FORMAT!r}")
+        raise ValueError(f"malformed check line {line.strip()!r}; write {CHECK_FORMAT!r}: the "
+                         f"short id in lower-case letters and digits joined by '-'")
+    chap, short, points = int(m.group(1)), m.group(2), float(m.group(3))
+    points = int(points) if points.is_integer() else points
+    if number is not None and chap != number:
+        raise ValueError(f"check id 'ch{chap}.{short}' in chapter {number}: it must start with "
+                         f"'ch{number}.'")
+    if points <= 0:
+        raise ValueError(f"check line {line.strip()!r}: the points must be positive")
+    return f"ch{chap}.{short}", points
+
+
+def _first_line(code: str) -> str:
+    return code.split("\n", 1)[0]
 
 
 def static_problems(text: str, name: str) -> tuple[list[str], Chapter | None, list[Exercise]]:
@@ -227,15 +275,14 @@ def static_problems(text: str, name: str) -> tuple[list[str], Chapter | None, li
             compile(src, f"{name} ({label})", "exec")
         except SyntaxError as e:
             problems.append(f"{name}: the {label} is not valid Python: line {e.lineno}: {e.msg}")
-    inside = {k for r in chap.regions for k in range(r.begin, r.end + 1)}
-    outside = {ln.strip() for k, ln in enumerate(chap.lines) if k not in inside}
-    secret = {chap.lines[k].strip() for k in inside} - outside - {""}
+    secret = secret_lines(chap)
     for k, ln in enumerate(student.splitlines(), 1):
         if ln.strip() in (BEGIN, END):
             problems.append(f"{name}: student version line {k}: a marker is left")
         elif ln.strip() in secret:
             problems.append(f"{name}: student version line {k}: solution text left: {ln.strip()!r}")
-    exercises = []
+    exercises: list[Exercise] = []
+    number, seen, checks = chapter_number(name), {}, set()
     code_cells = [ci for ci, c in enumerate(chap.cells) if c.kind == "code"]
     for ci in chap.exercise_cells():
         line = chap.cells[ci].start + 1
@@ -258,35 +305,83 @@ def static_problems(text: str, name: str) -> tuple[list[str], Chapter | None, li
             problems.append(f"{name}: the exercise at line {line} is in the setup cell (the "
                             f"first code cell); put exercises in cells of their own")
             continue
-        exercises.append(Exercise(f"exercise cell at line {line}", _cell_code(chap, ci, False),
-                                  _cell_code(chap, ci, True), check))
+        check_at = chap.cells[cj].start + 2
+        try:
+            ex_id, points = parse_check_line(_first_line(check), number)
+        except ValueError as e:
+            problems.append(f"{name}: the check cell at line {check_at - 1} (after the exercise "
+                            f"at line {line}): {e}")
+            continue
+        if ex_id in seen:
+            problems.append(f"{name}: line {check_at}: exercise id {ex_id!r} is used twice "
+                            f"(first at line {seen[ex_id]})")
+            continue
+        seen[ex_id] = check_at
+        checks.add(cj)
+        exercises.append(Exercise(f"{ex_id} (exercise cell at line {line})",
+                                  _cell_code(chap, ci, False), _cell_code(chap, ci, True), check,
+                                  ex_id, points))
+    for cj in code_cells:
+        first = _first_line(_cell_code(chap, cj, False))
+        if cj not in checks and _CHECK_NEAR.match(first) and cj not in chap.exercise_cells():
+            after = [ci for ci in code_cells if ci < cj][-1:]
+            if not after or after[0] not in chap.exercise_cells():
+                problems.append(f"{name}: line {chap.cells[cj].start + 2}: a check line in a "
+                                f"cell that does not follow an exercise cell")
     return problems, chap, exercises
 
 
-_RUNNER = r'''
+_RUNNER = r"""
 import json, sys, traceback
 spec = json.load(open(sys.argv[1]))
-results = []
 def run(parts, tolerate_stub):
     ns = {"__name__": "__main__"}
-    for label, code in parts:
+    for role, label, code in parts:
         try:
             exec(compile(code, label, "exec"), ns)
         except NotImplementedError:
-            if tolerate_stub and label.endswith("(exercise)"):
+            if tolerate_stub and role == "exercise":
                 continue
-            return traceback.format_exc(limit=3)
-        except BaseException:
-            return traceback.format_exc(limit=3)
-    return None
-for ex in spec["exercises"]:
-    setup = (spec["name"] + " (setup cell)", spec["setup"])
-    chk = (ex["name"] + " (check)", ex["check"])
-    sol = run([setup, (ex["name"] + " (exercise)", ex["solution"]), chk], False)
-    stu = run([setup, (ex["name"] + " (exercise)", ex["student"]), chk], True)
-    results.append({"name": ex["name"], "solution_error": sol, "student_error": stu})
-json.dump(results, open(sys.argv[2], "w"))
-'''
+            return role, "NotImplementedError", traceback.format_exc(limit=3)
+        except BaseException as e:
+            return role, type(e).__name__, traceback.format_exc(limit=3)
+    return None, None, None
+results = []
+for job in spec:
+    role, kind, err = run(job["parts"], job.get("tolerate_stub", False))
+    results.append({"stage": role, "kind": kind, "error": err})
+    json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def execute(jobs: list[dict], cwd: Path, timeout: float) -> list[dict] | str:
+    """Run `jobs` in one fresh Python subprocess, each in a namespace of its own.
+
+    A job is {"parts": [(role, label, code), ...], "tolerate_stub": bool}, executed part by
+    part (role 'setup', 'exercise' or 'check'); with `tolerate_stub` a NotImplementedError of
+    the exercise part is caught (a stub not answered yet) and the next part runs. Returns one
+    {"stage", "kind", "error"} per job (all None when it ran through; else the role of the
+    failing part, the exception's class name and its traceback), or a message when the
+    subprocess itself failed or ran out of time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps(jobs))
+        env = {**os.environ, "MPLBACKEND": "Agg"}
+        try:
+            proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec), str(out)],
+                                  cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"took more than {timeout:.0f} s"
+        done = json.loads(out.read_text()) if out.exists() else []
+        if proc.returncode != 0 or len(done) != len(jobs):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            return f"the runner stopped (exit status {proc.returncode}): " + " | ".join(tail)
+        return done
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text and text.strip() else ""
 
 
 def run_exercises(setup: str, exercises: list[Exercise], name: str, cwd: Path,
@@ -294,29 +389,25 @@ def run_exercises(setup: str, exercises: list[Exercise], name: str, cwd: Path,
     """Execute every exercise in isolation (see the module docstring, (d)); return problems."""
     if not exercises:
         return []
+    jobs = []
+    for e in exercises:
+        for code, stub in ((e.solution, False), (e.student, True)):
+            jobs.append({"parts": [("setup", f"{name} (setup cell)", setup),
+                                   ("exercise", f"{e.name} (exercise)", code),
+                                   ("check", f"{e.name} (check)", e.check)],
+                         "tolerate_stub": stub})
+    done = execute(jobs, cwd, timeout)
+    if isinstance(done, str):
+        return [f"{name}: executing the exercises: {done}"]
     problems: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"name": name, "setup": setup,
-                                    "exercises": [vars(e) for e in exercises]}))
-        env = {**os.environ, "MPLBACKEND": "Agg"}
-        try:
-            proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec), str(out)],
-                                  cwd=cwd, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return [f"{name}: executing the exercises took more than {timeout:.0f} s"]
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            return [f"{name}: the exercise runner failed: " + " | ".join(tail)]
-        for r in json.loads(out.read_text()):
-            if r["solution_error"]:
-                err = r["solution_error"].strip().splitlines()[-1]
-                problems.append(f"{name}: {r['name']}: the solution does not pass its check "
-                                f"(setup + exercise + check, in isolation): {err}")
-            if not r["student_error"]:
-                problems.append(f"{name}: {r['name']}: the check passes on the student stub; "
-                                f"it does not grade the exercise")
+    for e, sol, stu in zip(exercises, done[::2], done[1::2]):
+        if sol["error"]:
+            problems.append(f"{name}: {e.name}: the solution does not pass its check "
+                            f"(setup + exercise + check, in isolation): "
+                            f"{_last_line(sol['error'])}")
+        if not stu["error"]:
+            problems.append(f"{name}: {e.name}: the check passes on the student stub; "
+                            f"it does not grade the exercise")
     return problems
 
 
@@ -351,6 +442,78 @@ def write_student(path: Path, outdir: Path, ipynb: bool = False) -> Path:
     return target
 
 
+def secret_lines(chap: Chapter) -> set[str]:
+    """The stripped solution lines that occur nowhere outside the solution regions."""
+    inside = {k for r in chap.regions for k in range(r.begin, r.end + 1)}
+    outside = {ln.strip() for k, ln in enumerate(chap.lines) if k not in inside}
+    return {chap.lines[k].strip() for k in inside} - outside - {"", BEGIN, END}
+
+
+def leaks(text: str, chap: Chapter) -> list[str]:
+    """Lines of a student file (a .py text or an .ipynb's JSON) that give a solution away: a
+    marker, or a solution line that occurs nowhere outside the solution regions."""
+    try:
+        nb = json.loads(text)
+        cells = nb["cells"] if isinstance(nb, dict) else None
+    except ValueError:
+        cells = None
+    if isinstance(cells, list):
+        text = "\n".join("".join(c.get("source", "")) for c in cells if isinstance(c, dict))
+    secret = secret_lines(chap) | {BEGIN, END}
+    return [ln.strip() for ln in text.splitlines() if ln.strip() in secret]
+
+
+def answer_key(path: Path) -> dict:
+    """Setup cell and, per exercise, id, points, solution cell and check cell of a chapter."""
+    text = path.read_text()
+    problems, chap, exercises = static_problems(text, str(path))
+    if problems:
+        raise MarkerError("\n".join(problems))
+    code = [c for c in chap.cells if c.kind == "code"]
+    return {"file": path.name, "setup": code[0].source if code else "",
+            "exercises": [{"id": e.id, "points": e.points, "solution": e.solution,
+                           "check": e.check} for e in exercises]}
+
+
+def student_notebook(path: Path, key: dict):
+    """The student version of chapter `path` as a notebook (nbformat), ids in its metadata."""
+    import jupytext
+    nb = jupytext.reads(make_student(path.read_text()), fmt="py:percent")
+    nb.metadata.pop("jupytext", None)                  # a plain notebook, paired with nothing
+    nb.metadata["prunelib"] = {"chapter": path.stem, "exercises": [
+        {"id": e["id"], "points": e["points"]} for e in key["exercises"]]}
+    return nb
+
+
+def release(paths: list[Path], out: Path) -> dict:
+    """Write OUT/student/*.ipynb and OUT/answers/ (see the module docstring); return the key."""
+    import jupytext
+    keys = {p.stem: answer_key(p) for p in paths}
+    ids = [e["id"] for k in keys.values() for e in k["exercises"]]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise MarkerError(f"exercise ids used in two chapters: {', '.join(dup)}")
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    (out / "answers").mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        target = out / "student" / f"{p.stem}.ipynb"
+        text = jupytext.writes(student_notebook(p, keys[p.stem]), fmt="ipynb")
+        leaked = leaks(text, parse(p.read_text()))
+        if leaked:
+            raise MarkerError(f"{target}: solution text left: {leaked[0]!r}")
+        target.write_text(text)
+        md = [f"# Answer key: {p.name}\n"]
+        for e in keys[p.stem]["exercises"]:
+            pts = f"{e['points']:g} point{'s' if e['points'] != 1 else ''}"
+            md.append(f"## {e['id']} ({pts})\n\n```python\n{e['solution'].strip()}\n```\n\n"
+                      f"Check:\n\n```python\n{e['check'].strip()}\n```\n")
+        (out / "answers" / f"{p.stem}.md").write_text("\n".join(md))
+    key = {"format": "prunelib-answers/1", "chapters": keys,
+           "total_points": sum(e["points"] for k in keys.values() for e in k["exercises"])}
+    (out / "answers" / "answers.json").write_text(json.dumps(key, indent=1) + "\n")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,10 +528,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --check: skip executing the exercises")
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="with --check: seconds allowed to execute one chapter's exercises")
+    ap.add_argument("--release", type=Path, metavar="OUT",
+                    help="write OUT/student/ (notebooks) and OUT/answers/ (the answer key)")
     args = ap.parse_args(argv)
-    paths = args.chapters or (chapters(_ROOT / "book") if args.check else [])
+    everything = args.check or args.release is not None
+    paths = args.chapters or (chapters(_ROOT / "book") if everything else [])
     if not paths:
-        ap.error("name at least one chapter (or use --check)")
+        ap.error("name at least one chapter (or use --check or --release)")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         print("make_student: no such file: " + ", ".join(map(str, missing)), file=sys.stderr)
@@ -384,6 +550,16 @@ def main(argv: list[str] | None = None) -> int:
         for m in problems:
             print(f"FAIL {m}", file=sys.stderr)
         return 1 if problems else 0
+    if args.release is not None:
+        try:
+            key = release(paths, args.release)
+        except MarkerError as e:
+            print(f"make_student: {e}", file=sys.stderr)
+            return 1
+        n = sum(len(k["exercises"]) for k in key["chapters"].values())
+        print(f"{len(paths)} student notebook(s) in {args.release / 'student'}; answer key "
+              f"({n} exercises, {key['total_points']:g} points) in {args.release / 'answers'}")
+        return 0
     try:
         for p in paths:
             print(write_student(p, args.outdir, args.ipynb))

@@ -205,3 +205,15 @@ def test_scop_finish_before_attach_and_without_budget():
     s, model = scop_on(tiny_resnet(), x, torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="pass a Budget"):
         s.finish(model, None)
+
+
+def test_scop_attached_then_moved_mixes_as_one_attached_after_the_move():
+    x, kf = torch.randn(6, 3, 5, 5), torch.randn(6, 3, 5, 5)
+    y = torch.randint(0, 3, (6,))
+    s, model = scop_on(two_layer(), x, kf)
+    model.double()
+    ref_s, ref = scop_on(two_layer().double(), x.double(), kf)
+    for m, net in ((s, model), (ref_s, ref)):
+        F.cross_entropy(net.train()(x.double()), y).backward()
+    assert s.lam.dtype == torch.float64
+    torch.testing.assert_close(s.lam.grad, ref_s.lam.grad, rtol=1e-12, atol=1e-12)

@@ -201,6 +201,8 @@ class SCOP(Magnitude):
         def moved(ref: torch.Tensor) -> None:
             self.lam.data = self.lam.data.to(ref.device, ref.dtype)
             self._index = {k: v.to(ref.device) for k, v in self._index.items()}
+            if self.generator is not None:
+                self.generator.to(ref.device)
         self._handles.append(("", follow_model(model, moved)))
 
         def double(mod: nn.Module, args: tuple) -> tuple | None:

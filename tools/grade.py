@@ -19,8 +19,9 @@ setup changes nothing), and the cell before a check counts as the exercise only 
 the functions the key's exercise cell defines. Without it, the exercises and points come
 from the notebook's metadata (written by the release) or, failing that, from its check lines,
 and the notebook's own setup and check cells are run. Lines starting with `%` or `!`
-(IPython magics, shell commands) are skipped. The report is a table, or JSON with `--json`; the exit status is 0 when a report was
-written, 2 when the arguments are wrong (no such file, an unreadable key, an unknown chapter).
+(IPython magics, shell commands) are skipped. The report is a table, or JSON with `--json`;
+the exit status is 0 when a report was written, 2 when the arguments are wrong (no such file,
+an unreadable key, an unknown chapter).
 """
 from __future__ import annotations
 

@@ -44,20 +44,20 @@
 # 2 + 2 epochs per method. `PRUNELIB_SCALE=full` uses the papers' schedule (160 + 160 epochs on
 # 45k training images, all 10k test images) and wants a GPU.
 #
-# **Notation** (one meaning per symbol in this chapter). $w$: the parameters being optimized,
-# $w_g$ the coefficients of group $g$ and $p_g$ their number; $W$: the weight tensor of one
-# layer; $f$: the training loss; $R$: a penalty and $\lambda \ge 0$ its strength (a price per
-# unit of $R$); $\eta$, $\eta_t$: the learning rate (step size), at step $t$ — $t$ counts
-# optimizer steps and nothing else; $\mu$: the SGD momentum (0.9) and nothing else; $\theta$:
-# a threshold (of soft-thresholding); $\tau$: the radius of a constraint $\|w\|_1 \le \tau$;
-# $\gamma_c, \beta_c$: scale and shift of BatchNorm channel $c$, $m_c, v_c$ its running mean
-# and variance and $\epsilon$ its small constant,
-# $\mathrm{BN}(x)_c = \gamma_c (x_c - m_c)/\sqrt{v_c + \epsilon} + \beta_c$; $x$: an input (an
-# image, a feature map), $y$ its label; $j$: a channel (filter) index; $k$: a kernel size;
-# $G$: the groups of a grouped convolution; $P$: the positions of an output map; $D$: the
-# drift the strength rule asks for; $V$: SGD's displacement per unit gradient, $\nu_t$ its
-# momentum buffer;
-# $\mathcal{C}_\text{rm}$: the channels a budget removes.
+# **Notation** (one meaning per symbol in this chapter, and in the book: `book/notation.md`). $w$:
+# the parameters being optimized, $w_g$ the coefficients of group $g$ and $p_g$ their number; $W$:
+# the weight tensor of one layer; $f$: the training loss; $R$: a penalty and $\lambda \ge 0$ its
+# strength (a price per unit of $R$), $c_g$ the weight of group $g$ in a group penalty; $\eta$,
+# $\eta_s$: the learning rate (step size), at step $s$ of $S$ — $s$ counts optimizer steps and
+# nothing else; $\mu$: the SGD momentum (0.9) and nothing else; $\theta$: a threshold (of
+# soft-thresholding); $\xi$: the radius of a constraint $\|w\|_1 \le \xi$; $\gamma_c, \beta_c$:
+# scale and shift of BatchNorm channel $c$, $m_c, v_c$ its running mean and variance and
+# $\epsilon_\text{BN}$ its small constant, $\mathrm{BN}(x)_c = \gamma_c (x_c - m_c)/\sqrt{v_c +
+# \epsilon_\text{BN}} + \beta_c$; $x$: an input (an image, a feature map), $y$ its label; $j$: a
+# channel (filter) index; $k$: a kernel size; $G$: the groups of a grouped convolution; $P$: the
+# positions of an output map; $D$: the drift the strength rule asks for; $V$: SGD's displacement per
+# unit gradient, $\nu_s$ its momentum buffer; $\mathcal{C}_\text{rm}$: the channels a budget
+# removes.
 
 # %%
 # Setup: the only cell with settings. Exercises are graded with this cell alone (keep it cheap).
@@ -459,10 +459,10 @@ plt.show()
 # and it is zero exactly when $\|z_g\|_2 \le \eta\lambda c_g$. Yuan & Lin (2006) define the
 # group lasso with $c_g = \sqrt{p_g}$, $p_g$ the group's number of coefficients. prunelib's
 # group methods (SSL, OICSR, OTO) use the unweighted sum, $c_g = 1$, as their papers' code does.
-# With groups of unequal size this matters: a group of $p_g$ entries of typical size $s$ has
-# norm about $s\sqrt{p_g}$, so with $c_g = 1$ the same threshold $\eta\lambda$ zeroes a group
-# of 4 coefficients when they are below about $\eta\lambda/2$ but a group of 576 only when they
-# are below about $\eta\lambda/24$: per coefficient, large groups (filters of wide layers,
+# With groups of unequal size this matters: a group of $p_g$ entries of similar size has a
+# norm about $\sqrt{p_g}$ times that size, so with $c_g = 1$ the same threshold $\eta\lambda$
+# zeroes a group of 4 coefficients when they are below about $\eta\lambda/2$ but a group of 576 only
+# when they are below about $\eta\lambda/24$: per coefficient, large groups (filters of wide layers,
 # $p_g = c_\text{in} k^2$) are penalized less than small ones, and the small groups go first.
 # With $c_g = \sqrt{p_g}$ the threshold per coefficient is the same for every group. (In
 # prunelib SSL and OICSR take *subgradient* steps on this penalty,
@@ -473,10 +473,10 @@ plt.show()
 # **Projection** (constraint form): replace the penalty by a constraint $w \in C$ and project
 # after each step, $w \leftarrow \Pi_C(w - \eta\nabla f(w))$, where
 # $\Pi_C(z) = \arg\min_{u \in C} \tfrac12\|u - z\|^2$ is the $u \in C$ with
-# $z - u \in N_C(u)$. For $C = \{\|w\|_1 \le \tau\}$ the projection is a soft-threshold whose
-# level $\theta$ is chosen so that $\|w\|_1 = \tau$ (Duchi et al. 2008): again **exact zeros**,
-# controlled by a budget $\tau$ instead of a price $\lambda$. For this convex problem, by
-# Lagrange duality, $\tau = \|w^\star_\lambda\|_1$ gives the same solution as the penalty
+# $z - u \in N_C(u)$. For $C = \{\|w\|_1 \le \xi\}$ the projection is a soft-threshold whose
+# level $\theta$ is chosen so that $\|w\|_1 = \xi$ (Duchi et al. 2008): again **exact zeros**,
+# controlled by a radius $\xi$ instead of a price $\lambda$. For this convex problem, by
+# Lagrange duality, $\xi = \|w^\star_\lambda\|_1$ gives the same solution as the penalty
 # $\lambda$ (the solution is unique here). PR clamps γ to $[0, a]$ after every step, a
 # projection onto a box; OTO's half-space step sets a whole group $w_g$ to zero when the trial
 # point $\hat w_g$ of the step has left the half-space $\{u : \langle u, w_g\rangle \ge 0\}$
@@ -513,15 +513,15 @@ def group_soft(z: torch.Tensor, theta: float) -> torch.Tensor:
     return (zg * (1 - theta / norm.clamp_min(1e-300)).clamp_min(0)).view(-1)
 
 
-def project_l1(z: torch.Tensor, tau: float) -> torch.Tensor:
-    """Euclidean projection onto {||w||_1 <= tau} (Duchi et al. 2008), O(d log d)."""
-    if z.abs().sum() <= tau:
+def project_l1(z: torch.Tensor, xi: float) -> torch.Tensor:
+    """Euclidean projection onto {||w||_1 <= xi} (Duchi et al. 2008), O(d log d)."""
+    if z.abs().sum() <= xi:
         return z
     u = z.abs().sort(descending=True).values
     css = u.cumsum(0)
     n = torch.arange(1, len(u) + 1, dtype=z.dtype)
-    rho = int(torch.nonzero(u > (css - tau) / n).max())
-    return soft(z, float((css[rho] - tau) / (rho + 1)))
+    rho = int(torch.nonzero(u > (css - xi) / n).max())
+    return soft(z, float((css[rho] - xi) / (rho + 1)))
 
 
 def iterate(step, steps: int = TOY_STEPS) -> torch.Tensor:
@@ -535,8 +535,8 @@ def iterate(step, steps: int = TOY_STEPS) -> torch.Tensor:
 paths = {"subgradient": iterate(lambda w: w - eta * (grad_f(w) + lam * w.sign())),
          "proximal (ISTA)": iterate(lambda w: soft(w - eta * grad_f(w), eta * lam)),
          "group lasso prox": iterate(lambda w: group_soft(w - eta * grad_f(w), eta * lam))}
-tau = float(paths["proximal (ISTA)"][-1].abs().sum())
-paths["projection, ||w||_1 <= tau"] = iterate(lambda w: project_l1(w - eta * grad_f(w), tau))
+xi = float(paths["proximal (ISTA)"][-1].abs().sum())
+paths["projection, ||w||_1 <= xi"] = iterate(lambda w: project_l1(w - eta * grad_f(w), xi))
 for name, p in paths.items():
     print(f"{name:28s} exact zeros at the end: {int((p[-1] == 0).sum()):2d} / {n_coef}   "
           f"smallest |w|: {float(p[-1].abs().min()):.1e}")
@@ -562,7 +562,7 @@ plt.show()
 # keeps chattering in a band of width about $\eta\lambda$ around zero (no exact zeros: a
 # threshold above the band is needed, and coefficients smaller than the band cannot be told
 # from the chatter); ISTA produces exact zeros, the group prox zeroes whole groups, and the
-# projection with $\tau = \|w_\text{ISTA}\|_1$ lands on the ISTA solution.
+# projection with $\xi = \|w_\text{ISTA}\|_1$ lands on the ISTA solution.
 # The asserts below check each final point against the optimality (KKT) conditions
 # $0 \in \nabla f(w) + \lambda\,\partial R(w)$ of its own problem — an oracle independent of
 # the iterations:
@@ -798,11 +798,11 @@ del m_hand, m_lib
 # The official NS code uses $\lambda = 10^{-5}$ for ResNets, with 160 epochs at lr 0.1. What
 # the penalty *alone* can do to one γ over the sparse phase is its **reach**: a constant
 # gradient $\lambda\,\mathrm{sign}(\gamma)$ moves γ, under SGD with Nesterov momentum $\mu$ and
-# learning rates $\eta_t$, by $\lambda\, V(\eta, \mu)$, where
-# $V = \sum_t \eta_t (1 + \mu \nu_t)$ with $\nu_t = \mu \nu_{t-1} + 1$, $\nu_0 = 0$ (torch's
+# learning rates $\eta_s$, by $\lambda\, V(\eta, \mu)$, where
+# $V = \sum_s \eta_s (1 + \mu \nu_s)$ with $\nu_s = \mu \nu_{s-1} + 1$, $\nu_0 = 0$ (torch's
 # momentum buffer for a unit gradient), is the displacement per unit gradient
 # (`prunelib.strength.sgd_displacement`). Once the momentum has built up
-# $V \approx \sum_t \eta_t / (1 - \mu)$; on a short cosine schedule the lr falls while the
+# $V \approx \sum_s \eta_s / (1 - \mu)$; on a short cosine schedule the lr falls while the
 # buffer builds, so that formula overstates $V$. Compare both scales (the full scale's
 # schedule is the paper's, on the 45k training images left beside the held-out ones):
 
@@ -1335,7 +1335,7 @@ assert _got[_trunk] > 5 * max(v for i, v in _got.items()
 # (b) let NS also prune the coupled trunk (`pl.methods.get("ns", residual="coupled")`) and
 # compare MACs, latency and accuracy with L1 (coupled); (c) rerun the L1 runs with
 # `restore_norms=False` (a scale override of `run`) and compare the *tuned* column; (d) in
-# Section 4, replace the constant step of the subgradient method by $\eta_t = \eta/\sqrt{t+1}$
+# Section 4, replace the constant step of the subgradient method by $\eta_s = \eta/\sqrt{s}$
 # and watch the band around zero shrink — still without exact zeros.
 # %%
 print(f"chapter run time: {time.time() - T_START:.0f} s at scale {SCALE} on {DEVICE}")

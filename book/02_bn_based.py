@@ -42,27 +42,26 @@
 # The setup cell holds only what is specific to a method and is not a strength (PR's $t$,
 # GBN's ticks and rounds, EagleEye's candidates and adaptive-BN batches).
 #
-# **Notation** (one meaning per symbol in this chapter).
-# $c$: a channel of a BatchNorm layer; $j$: an output channel of the layer that consumes it;
-# $l$: a layer; $k$: a kernel size. $x_c$: the conv output feeding BN channel $c$, $m_c, v_c$
-# its mean and variance (of the batch in training, running estimates at inference), $\epsilon$
-# BN's small constant, $\hat x_c = (x_c - m_c)/\sqrt{v_c + \epsilon}$; $\gamma_c, \beta_c$: the
+# **Notation** (one meaning per symbol in this chapter, and in the book: `book/notation.md`). $c$: a
+# channel of a BatchNorm layer; $j$: an output channel of the layer that consumes it; $l$: a layer;
+# $k$: a kernel size. $x_c$: the conv output feeding BN channel $c$, $m_c, v_c$ its mean and
+# variance (of the batch in training, running estimates at inference), $\epsilon_\text{BN}$ BN's
+# small constant, $\hat x_c = (x_c - m_c)/\sqrt{v_c + \epsilon_\text{BN}}$; $\gamma_c, \beta_c$: the
 # BN scale and shift, $y_c = \gamma_c\hat x_c + \beta_c$ the BN output; $b_c =
 # \mathrm{relu}(\beta_c)$: the constant a channel with $\gamma_c = 0$ feeds on; $W$, $W'$: the
-# weights of a layer and of its consumer. $L$: the training loss; $\lambda$: the strength of an
-# additive penalty (NS, PR, SCP, GBN); $\rho$: RSNLI's strength, $\kappa_l$ its cost of one
-# channel of layer $l$; $\omega$: weight decay. $\eta$, $\eta_s$: the learning rate (at optimizer
-# step $s$, of $S$ steps); $\mu$: the SGD momentum (0.9) and nothing else. $t$: PR's
-# polarization parameter and nothing else; $a$: PR's upper value of γ; $n$: the number of
-# factors PR polarizes, $\bar\gamma$ their mean, $\sigma_i = \mathrm{sign}(\gamma_i - \bar\gamma)$,
-# $q$: the fraction of them at $a$ (or above the mean). $\Phi$: the standard normal CDF,
-# $\Phi'(0) = 1/\sqrt{2\pi}$ its density at 0; $\delta$: SCP's "off" level (`eps` in prunelib),
-# $z_c = (\beta_c - \delta)/\lvert\gamma_c\rvert$, $\tau$: SCP's decision threshold on
-# $P_\text{off}$, $T$: the Concrete temperature, $u \sim U(0, 1)$: a uniform random number.
-# $M_c$: a channel mask (SCP: soft, GBN: 0/1); $\varphi_c$: GBN's gate, $\Theta_c$ its Taylor
-# score, $p$: the fraction of filters a tick prunes; $r_l$: EagleEye's prune ratio of layer $l$.
-# $D$: the drift the strength rule asks for; $V(\eta, \mu)$: SGD's displacement per unit
-# gradient.
+# weights of a layer and of its consumer. $f$: the training loss; $\lambda$: the strength of an
+# additive penalty (NS, PR, SCP, GBN); $\rho$: RSNLI's strength, $\kappa_l$ its cost of one channel
+# of layer $l$; $\omega$: weight decay. $\eta$, $\eta_s$: the learning rate (at optimizer step $s$,
+# of $S$ steps); $\mu$: the SGD momentum (0.9) and nothing else. $t$: PR's polarization parameter
+# and nothing else; $a$: PR's upper value of γ; $n$: the number of factors PR polarizes,
+# $\bar\gamma$ their mean, $\sigma_i = \mathrm{sign}(\gamma_i - \bar\gamma)$, $q$: the fraction of
+# them at $a$ (or above the mean). $\Phi$: the standard normal CDF, $\Phi'(0) = 1/\sqrt{2\pi}$ its
+# density at 0; $\zeta$: SCP's "off" level (`eps` in prunelib), $z_c = (\beta_c -
+# \zeta)/\lvert\gamma_c\rvert$, $\theta_\text{off}$: SCP's decision threshold (`tau` in prunelib) on
+# $P_\text{off}$, $T$: the Concrete temperature, $u \sim U(0, 1)$: a uniform random number. $M_c$: a
+# channel mask (SCP: soft, GBN: 0/1); $\varphi_c$: GBN's gate, $\Theta_c$ its Taylor score, $p$: the
+# fraction of filters a tick prunes; $r_l$: EagleEye's prune ratio of layer $l$. $D$: the drift the
+# strength rule asks for; $V(\eta, \mu)$: SGD's displacement per unit gradient.
 
 # %%
 # Setup: the only cell with settings. Exercises are graded with this cell alone (keep it cheap).
@@ -113,7 +112,7 @@ print(f"scale={SCALE}  device={DEVICE}  torch={torch.__version__}  prunelib={pl.
 # A convolution followed by BatchNorm computes, for channel $c$ at every position,
 #
 # $$y_c = \gamma_c\,\hat x_c + \beta_c, \qquad
-#   \hat x_c = \frac{x_c - m_c}{\sqrt{v_c + \epsilon}},$$
+#   \hat x_c = \frac{x_c - m_c}{\sqrt{v_c + \epsilon_\text{BN}}},$$
 #
 # with $m_c, v_c$ the batch (training) or running (inference) mean and variance of the conv
 # output $x_c = W_c * (\text{input})$. Two facts make $\gamma_c$ the natural volume knob of
@@ -121,9 +120,9 @@ print(f"scale={SCALE}  device={DEVICE}  torch={torch.__version__}  prunelib={pl.
 #
 # * **Scale invariance.** Multiplying the filter $W_c$ by any $\alpha > 0$ multiplies $x_c$ and
 #   $m_c$ by $\alpha$ and $v_c$ by $\alpha^2$, and leaves $\hat x_c$ unchanged (up to
-#   $\epsilon$): the filter's norm says nothing about the channel's output, $\gamma_c$ says
-#   everything (why the magnitude criterion of chapter 1 looks at another number than the
-#   BN-based methods).
+#   $\epsilon_\text{BN}$): the filter's norm says nothing about the channel's output,
+#   $\gamma_c$ says everything (why the magnitude criterion of chapter 1 looks at another number
+#   than the BN-based methods).
 # * **A channel with $\gamma_c = 0$ is a constant.** Then $y_c \equiv \beta_c$ at every position
 #   and for every input; after the ReLU it is the constant $b_c = \mathrm{relu}(\beta_c)$. It
 #   carries no information: it can be removed, and its constant contribution moved into the
@@ -137,15 +136,16 @@ print(f"scale={SCALE}  device={DEVICE}  torch={torch.__version__}  prunelib={pl.
 # | NS (Liu+ 2017) | γ | L1 by subgradient | global rank of the size of γ |
 # | RSNLI (Ye+ 2018) | γ | weighted L1 by ISTA (exact zeros) | γ = 0; its constant is folded |
 # | PR (Zhuang+ 2020) | γ in [0, a] | polarizer by subgradient, then clamp | histogram valley |
-# | SCP (Kang & Han 2020) | γ and β | masks with keep probability 1 − P(off) | P(off) ≥ τ |
+# | SCP (Kang & Han 2020) | γ and β | masks, keep probability 1 − P(off) | P(off) ≥ θ_off |
 # | GBN (You+ 2019) | gate φ | Taylor scores, tick-tock | global Taylor rank |
 # | EagleEye (Li+ 2020) | BN statistics | adaptive BN, random search | best sub-net |
 #
 # All of them are registered in `prunelib.methods` (`'ns'`, `'rsnli'`, `'pr'`, `'scp'`, `'gbn'`,
 # `'eagleeye'`); each class's docstring has its equations, defaults and sources. In the
 # protocol runs (Section 8) every method removes channels under the same `Budget`; the methods
-# with a decision rule of their own (RSNLI's zeros, PR's valley, SCP's $P_\text{off} \ge \tau$)
-# apply it with `budget="own"`. Every experiment starts from the dense baseline of chapter 1.
+# with a decision rule of their own (RSNLI's zeros, PR's valley, SCP's
+# $P_\text{off} \ge \theta_\text{off}$) apply it with `budget="own"`. Every experiment starts from
+# the dense baseline of chapter 1.
 
 # %%
 from prunelib.calibrate import conv_bn_pairs  # noqa: E402
@@ -178,7 +178,7 @@ assert [g.size for g in groups if not g.coupled] == [16] * 3 + [32] * 3 + [64] *
 # Ye et al. (2018) question the "smaller norm, less informative" assumption — a small filter
 # norm says little in a BN network (see above) — and regularize γ directly:
 #
-# $$\min_{W,\gamma}\; L(W, \gamma) + \omega\lVert W\rVert^2
+# $$\min_{W,\gamma}\; f(W, \gamma) + \omega\lVert W\rVert^2
 #   + \rho\sum_l \kappa_l\,\lVert\gamma^l\rVert_1$$
 #
 # (the paper writes μ for the weight decay and $\lambda_l$ for the cost; renamed here). $\kappa_l$
@@ -189,7 +189,7 @@ assert [g.size for g in groups if not g.coupled] == [16] * 3 + [32] * 3 + [64] *
 #
 # $$\gamma \leftarrow \operatorname{prox}_{\eta\rho\kappa_l\lvert\cdot\rvert}(\tilde\gamma)
 #   = \mathrm{sign}(\tilde\gamma)\max(\lvert\tilde\gamma\rvert - \eta\rho\kappa_l, 0),\qquad
-#   \tilde\gamma = \gamma - \eta\,\nabla_\gamma L .$$
+#   \tilde\gamma = \gamma - \eta\,\nabla_\gamma f .$$
 #
 # ρ is warmed up (official ResNet-20 recipe: ρ = 0.001 for 30k steps, then 0.005 for 50k).
 # From scratch, the step is three lines; it matches `prunelib` (which, like the official
@@ -389,20 +389,20 @@ print(f"valley of a two-cluster sample: {valley_threshold(two_clusters):.2f}")
 #
 # Kang & Han (2020) look at BatchNorm and the ReLU after it *together*. During training
 # $\hat x_c$ is standardized, so if it is roughly Gaussian the BN output is
-# $y_c \sim \mathcal N(\beta_c, \gamma_c^2)$ and the ReLU output is at most $\delta$ ("off")
+# $y_c \sim \mathcal N(\beta_c, \gamma_c^2)$ and the ReLU output is at most $\zeta$ ("off")
 # with probability
 #
-# $$P_\text{off}(c) = P(y_c \le \delta) = \Phi\!\left(\frac{\delta - \beta_c}{\lvert\gamma_c
-#   \rvert}\right) = \Phi(-z_c),\qquad z_c = \frac{\beta_c - \delta}{\lvert\gamma_c\rvert}.$$
+# $$P_\text{off}(c) = P(y_c \le \zeta) = \Phi\!\left(\frac{\zeta - \beta_c}{\lvert\gamma_c
+#   \rvert}\right) = \Phi(-z_c),\qquad z_c = \frac{\beta_c - \zeta}{\lvert\gamma_c\rvert}.$$
 #
 # They learn a differentiable mask $M_c$ per channel from it — a relaxed Bernoulli (binary
 # Concrete) sample with keep probability $1 - P_\text{off}$,
 # $M_c = \mathrm{sigmoid}\big((\mathrm{logit}(1-P_\text{off}) + \log u - \log(1-u))/T\big)$,
 # or its mean $M_c = 1 - P_\text{off}$ ("soft decisions") — multiply the channel by it, add
 # $\lambda\sum_c (1 - P_\text{off}(c))$ (the expected number of active channels) to the loss,
-# and remove the channels likely to be off ($P_\text{off} \ge \tau$). There is no official
-# code; `prunelib`'s choices ($\delta = 0$, $\tau = 0.5$, the deterministic mask
-# $1 - P_\text{off}$ by default, Concrete samples with $T = 0.5$ as `mask="concrete"`) and the
+# and remove the channels likely to be off ($P_\text{off} \ge \theta_\text{off}$). There is no
+# official code; `prunelib`'s choices ($\zeta = 0$, $\theta_\text{off} = 0.5$, the deterministic
+# mask $1 - P_\text{off}$ by default, Concrete samples with $T = 0.5$ as `mask="concrete"`) and the
 # reasons are in its docstring. How good is the Gaussian model on the baseline's real
 # activations? Compare, for the first block, the predicted $P_\text{off}$ with the fraction of
 # zeros the ReLU actually produces (BN in training mode on one batch):
@@ -452,7 +452,7 @@ del m_scp
 # the first-order Taylor estimate of the loss change when its gate is closed,
 #
 # $$\Theta_c = \sum_{\text{batches}} \Big\lvert \varphi_c\,
-#   \frac{\partial L}{\partial \varphi_c} \Big\rvert$$
+#   \frac{\partial f}{\partial \varphi_c} \Big\rvert$$
 #
 # (the official hook takes the absolute value per batch). Pruning alternates *ticks* — conv
 # weights frozen, a short training pass that collects Θ, then the globally lowest-Θ fraction
@@ -534,10 +534,11 @@ print(f"a sub-net keeping 3/4 of every internal layer: held-out accuracy {acc_st
 # Rather than four unrelated guesses, `prunelib.strength` derives every strength from the
 # schedule *and the target* (its docstring has the details):
 #
-# 1. **Target-aware drift $D$.** Rank the channels by their magnitude $x_c$ at the start of the
+# 1. **Target-aware drift $D$.** Rank the channels by their magnitude at the start of the
 #    sparse phase ($\lvert\gamma_c\rvert$ for NS, PR and SCP; $\lvert\gamma_c\rvert/\kappa_c$ for
-#    RSNLI, whose penalty is weighted by the cost), let $R$ be the channels the budget removes
-#    in that order, and take $D$ = the 0.9-quantile of $\{x_c : c \in R\}$. A 50% MACs target
+#    RSNLI, whose penalty is weighted by the cost), let $\mathcal{C}_\text{rm}$ be the channels
+#    the budget removes in that order, and take $D$ = the 0.9-quantile of their magnitudes
+#    (chapter 1's $Q_{0.9}$ over $\mathcal{C}_\text{rm}$). A 50% MACs target
 #    removes about half of every block's channels, so $D$ is about the median |γ|; a rule that
 #    ignored the target (e.g. "the 10% quantile of |γ|") would leave most of the channels the
 #    budget removes out of the penalty's reach.
@@ -545,17 +546,17 @@ print(f"a sub-net keeping 3/4 of every internal layer: held-out accuracy {acc_st
 #    $2D$ (`Scale.strength_margin` = 2; with margin 1, NS still removes channels that carry
 #    signal, as measured for the rule's docstring). Chapter 4's group norms are the opposite
 #    case: conv rows that feed a BN, which the loss does not resist, so their rules use D.
-# 3. **The same per-step push.** A constant unit gradient moves a parameter under `fit`'s SGD
-#    with Nesterov momentum by $V(\eta, \mu) = \sum_s \eta_s v_s$ ($b_s = \mu b_{s-1} + 1$,
-#    $v_s = 1 + \mu b_s$; about $\sum_s\eta_s/(1-\mu)$ once the momentum has built up). The rule
-#    sets each strength so that the penalty *alone, carried by momentum,* moves a channel by
-#    $2D$: $\lambda_\text{NS} V = 2D$; PR's subgradient below the mean has size
-#    $\lambda(t + 1)$, so $\lambda_\text{PR}(t+1)V = 2D$; SCP's penalty moves β of a channel at
-#    $z_c = 0$ by $\lambda\Phi'(0)/\gamma_\text{med}$ per unit step, so
+# 3. **The same per-step push.** A constant unit gradient moves a parameter under `fit`'s SGD with
+#    Nesterov momentum by $V(\eta, \mu) = \sum_s \eta_s (1 + \mu\nu_s)$ ($\nu_s = \mu\nu_{s-1} + 1$,
+#    $\nu_0 = 0$; about $\sum_s\eta_s/(1-\mu)$ once the momentum has built up). The rule sets each
+#    strength so that the penalty *alone, carried by momentum,* moves a channel by $2D$:
+#    $\lambda_\text{NS} V = 2D$; PR's subgradient below the mean has size $\lambda(t + 1)$, so
+#    $\lambda_\text{PR}(t+1)V = 2D$; SCP's penalty moves β of a channel at $z_c = 0$ by
+#    $\lambda\Phi'(0)/\gamma_\text{med}$ per unit step, so
 #    $\lambda_\text{SCP}\Phi'(0)V/\gamma_\text{med} = 2D$; and RSNLI's prox shrinks
-#    $\lvert\gamma_c\rvert/\kappa_c$ by $\eta_s w_s\rho$ per step ($w_s = 1/5$ during the
-#    warm-up), so $\rho\,V(\eta w, \mu) = 2D$. Every method then pushes its magnitude by the same
-#    $2D\,\eta_s/V$ per step, against a task gradient of the same size.
+#    $\lvert\gamma_c\rvert/\kappa_c$ by $\eta_s\rho_s$ per step ($\rho_s = \rho/5$ during the
+#    warm-up, then $\rho$), so $\rho\,V(\eta_s\rho_s/\rho, \mu) = 2D$. Every method then pushes its
+#    magnitude by the same $2D\,\eta_s/V$ per step, against a task gradient of the same size.
 # 4. **Why RSNLI's reach is shorter.** RSNLI's γ take their steps *without* momentum, as in the
 #    official optimizer: nothing carries the prox's shrinkage forward, so over the phase it
 #    moves $\lvert\gamma_c\rvert/\kappa_c$ by only $\rho\sum_s\eta_s w_s$ — about $(1 - \mu)$, a
@@ -640,7 +641,7 @@ def describe(s: dict) -> str:
         return f"{s.get('rule')} ({s.get('why', '')})"
     params = ", ".join(f"{k} {v:.3g}" for k, v in s["params"].items())
     return (f"{params}; D {s['D']:.3g}, unit {s['unit']:.3g}, margin {s['margin']:g}, "
-            f"{s['removed']} of {s['prunable']} channels in R")
+            f"{s['removed']} of {s['prunable']} channels removed")
 
 
 results, probes = {}, {}
@@ -891,18 +892,18 @@ assert ee.best["score"] == max(c["score"] for c in ee.candidates)
 # `### END SOLUTION`, followed by a check cell; exercises only rely on the setup cell.
 #
 # **Exercise 1 — derivation: SCP's push on β and γ.** SCP adds
-# $\lambda\sum_c\Phi(z_c)$, $z_c = (\beta_c - \delta)/\lvert\gamma_c\rvert$, to the loss. Derive
+# $\lambda\sum_c\Phi(z_c)$, $z_c = (\beta_c - \zeta)/\lvert\gamma_c\rvert$, to the loss. Derive
 # its partial derivatives with respect to $\beta_c$ and $\gamma_c$ (chain rule through $\Phi$;
 # $\gamma_c \ne 0$) and return both in closed form. (At $z_c = 0$ the first one is
 # $\lambda\Phi'(0)/\lvert\gamma_c\rvert$: the push the strength rule uses for SCP.) The check
 # compares with central finite differences.
 
 # %%
-def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, delta: float,
+def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, zeta: float,
                       lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d/d beta, d/d gamma) of lam * sum_c Phi((beta_c - delta) / |gamma_c|), per channel."""
+    """(d/d beta, d/d gamma) of lam * sum_c Phi((beta_c - zeta) / |gamma_c|), per channel."""
     ### BEGIN SOLUTION
-    z = (beta - delta) / gamma.abs()
+    z = (beta - zeta) / gamma.abs()
     density = torch.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
     return lam * density / gamma.abs(), -lam * density * z * gamma.sign() / gamma.abs()
     ### END SOLUTION
@@ -930,13 +931,13 @@ assert torch.allclose(_db, _fd_b, atol=1e-7) and torch.allclose(_dg, _fd_g, atol
 
 # %% [markdown]
 # **Exercise 2 — SCP's off-probability.** Return $P(\mathrm{relu}(\gamma\hat x + \beta) \le
-# \delta)$ for $\hat x \sim \mathcal N(0, 1)$, per channel, for tensors `gamma`, `beta` and a
-# float `delta >= 0`. The check compares with a Monte-Carlo estimate.
+# \zeta)$ for $\hat x \sim \mathcal N(0, 1)$, per channel, for tensors `gamma`, `beta` and a
+# float `zeta >= 0`. The check compares with a Monte-Carlo estimate.
 
 # %%
-def off_probability(gamma: torch.Tensor, beta: torch.Tensor, delta: float) -> torch.Tensor:
+def off_probability(gamma: torch.Tensor, beta: torch.Tensor, zeta: float) -> torch.Tensor:
     ### BEGIN SOLUTION
-    return ndtr((delta - beta) / gamma.abs())
+    return ndtr((zeta - beta) / gamma.abs())
     ### END SOLUTION
 
 
@@ -945,9 +946,9 @@ def off_probability(gamma: torch.Tensor, beta: torch.Tensor, delta: float) -> to
 _g = torch.tensor([0.5, -1.0, 2.0, 0.1, 1.0])
 _b = torch.tensor([0.2, -0.5, 1.0, 0.05, 0.0])
 _x = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0))
-for _delta in (0.0, 0.3):
-    _mc = (F.relu(_g * _x + _b) <= _delta).float().mean(0)
-    assert torch.allclose(off_probability(_g, _b, _delta), _mc, atol=5e-3)
+for _zeta in (0.0, 0.3):
+    _mc = (F.relu(_g * _x + _b) <= _zeta).float().mean(0)
+    assert torch.allclose(off_probability(_g, _b, _zeta), _mc, atol=5e-3)
 
 # %% [markdown]
 # **Exercise 3 — implementation: fold constant channels into a 1×1 convolution.** Input

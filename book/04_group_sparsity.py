@@ -83,21 +83,24 @@ print(f"protocol: {SC.reg_epochs:g} + {SC.ft_epochs:g} epochs, {SC.subset} train
       f"seed {SC.seed}")
 
 # %% [markdown]
-# **Notation** (one meaning per symbol in this chapter)
+# **Notation** (one meaning per symbol in this chapter, and in the book: `book/notation.md`)
 #
 # * $w_g$, $x_g$, $p_g$: the weights of group $g$ (SSL, OICSR: $w_g$; OTO's zero-invariant
 #   groups: $x_g$) and their number;
 # * $f$, $\psi$: the training loss; OTO's objective $\psi = f + \lambda\sum_g\|x_g\|_2$;
 # * $\lambda$: a penalty's strength ($\lambda_f, \lambda_c$: SSL's filter and channel
 #   strengths; $\lambda_j$: GREG's strength of filter $j$);
-# * $\eta$, $\eta_t$: the learning rate (step size), at iteration $t$; $t$: the iteration;
+# * $\eta$, $\eta_s$: the learning rate (step size), at optimizer step $s$; $s$: the step;
+# * $\theta$: a threshold (of a proximal step, $\theta = \eta\lambda$); $c_g$: the weight of
+#   group $g$ in a group penalty ($c_g = 1$: unweighted; Yuan & Lin: $c_g = \sqrt{p_g}$);
+# * $\alpha > 0$: a factor a conv row is scaled by;
 # * $\mu$: the optimizer's momentum (0.9; 0 on OTO's groups);
 # * $\epsilon$: HSPG's half-space parameter, $0 \le \epsilon < 1$;
 # * $\delta$, $K_u$, $\tau$: GREG's growth of $\lambda_j$ per update, iterations between
 #   updates, ceiling of $\lambda_j$;
 # * $L$: a Lipschitz constant of $\nabla f$ ($f$ is $L$-smooth);
-# * $m_k$, $\sigma_k$, $\gamma_k$, $\beta_k$: BatchNorm of channel $k$ — running mean, running
-#   standard deviation (with BN's small constant), scale, shift;
+# * $m_k$, $v_k$, $\gamma_k$, $\beta_k$, $\epsilon_\text{BN}$: BatchNorm of channel $k$ —
+#   running mean and variance, scale, shift, and BN's small constant;
 # * $D$: the strength rule's target drift (Section 7).
 #
 # ## 1. From the L1 norm to the group lasso
@@ -109,9 +112,9 @@ print(f"protocol: {SC.reg_epochs:g} + {SC.ft_epochs:g} epochs, {SC.subset} train
 # the same time.
 #
 # **The group lasso** applies the L1 norm to the vector of *group norms*: partition the weights
-# into groups $w = (w_{g_1}, \dots, w_{g_G})$ and penalize
+# into groups $g_1, g_2, \dots$, $w = (w_{g_1}, w_{g_2}, \dots)$, and penalize
 #
-# $$R(w) = \sum_g \|w_g\|_2 = \big\|\,(\|w_{g_1}\|_2, \dots, \|w_{g_G}\|_2)\,\big\|_1 .$$
+# $$R(w) = \sum_g \|w_g\|_2 = \big\|\,(\|w_{g_1}\|_2, \|w_{g_2}\|_2, \dots)\,\big\|_1 .$$
 #
 # Inside a group the Euclidean norm is round (it has no preference for any coordinate), across
 # groups the L1 norm is pointed (it prefers whole groups at zero). With groups of size one it
@@ -190,10 +193,11 @@ assert sizes["SSL filter"] == [16 * 9, 32 * 9, 64 * 9]      # fan-in 16, 32, 64 
 
 # %% [markdown]
 # Why OTO insists on the BN parameters: a filter row at zero makes the conv output of channel
-# $k$ zero, but BatchNorm then outputs $\gamma_k \cdot (0 - m_k)/\sigma_k + \beta_k$ — in
-# training mode (batch mean 0) exactly $\beta_k$, a constant map that the next layer still
-# reads. Removing the channel then changes the network. With $\gamma_k = \beta_k = 0$ as well,
-# the output is exactly zero in both modes and removal changes nothing:
+# $k$ zero, but BatchNorm then outputs
+# $\gamma_k \cdot (0 - m_k)/\sqrt{v_k + \epsilon_\text{BN}} + \beta_k$ — in training mode (batch
+# mean 0) exactly $\beta_k$, a constant map that the next layer still reads. Removing the channel
+# then changes the network. With $\gamma_k = \beta_k = 0$ as well, the output is exactly zero in
+# both modes and removal changes nothing:
 
 # %%
 net = get_model("resnet20").eval()
@@ -471,7 +475,7 @@ assert shrink[1, 0] < 0.1 < 0.9 < shrink[1, 3]       # ... until they separate
 # %% [markdown]
 # From scratch, the GReg-1 schedule: the pruned set is the ratio $r$ of each layer's filters
 # with the smallest mean $|w|$ (at most all but one); $\lambda_j$ of a pruned filter after the
-# update at iteration $t$ is $\delta \cdot \min(\lfloor t / K_u \rfloor + 1,\ n_\tau)$, where
+# update at step $s$ is $\delta \cdot \min(\lfloor s / K_u \rfloor + 1,\ n_\tau)$, where
 # $n_\tau$ is the first count with $n_\tau\delta > \tau$; kept filters stay at 0. Against
 # `prunelib`:
 
@@ -509,10 +513,11 @@ print("GReg-1 schedule from scratch == prunelib; final lambda of pruned filters:
 # ## 6. BatchNorm's scale invariance: what a penalty on a conv row can and cannot do
 #
 # In ResNet-20 every conv feeds a BatchNorm. BN normalizes each channel by its own statistics,
-# so multiplying a conv row $w_k$ (the filter of channel $k$) by any $a > 0$ leaves the output
-# unchanged: $f(a w_k) = f(w_k)$. Two consequences, both visible in the experiments below:
+# so multiplying a conv row $w_k$ (the filter of channel $k$) by any $\alpha > 0$ leaves the
+# output unchanged: $f(\alpha w_k) = f(w_k)$. Two consequences, both visible in the experiments
+# below:
 #
-# * **The loss does not resist a radial push.** Differentiating $f(a w_k)$ at $a = 1$:
+# * **The loss does not resist a radial push.** Differentiating $f(\alpha w_k)$ at $\alpha = 1$:
 #   $\langle \nabla_{w_k} f, w_k\rangle = 0$. A penalty that pulls the *whole row* towards 0
 #   (SSL's filter groups, GREG's $\lambda_j W_j$, the row part of OICSR's and OTO's groups)
 #   meets no opposing task gradient along the row: the row shrinks by the penalty's whole
@@ -521,8 +526,8 @@ print("GReg-1 schedule from scratch == prunelib; final lambda of pruned filters:
 #   consumers' input slices (SSL's channel groups, OICSR's `'in'` half), or BN's own γ, β
 #   (OTO's zero-invariant groups) — switches a channel off.
 # * **A shrunk row trains with a hotter learning rate.** The gradient scales as
-#   $\nabla f(a w) = \nabla f(w)/a$, so one SGD step changes the row's *direction* by
-#   $\eta/a^2$ times as much as at scale 1: the effective learning rate is
+#   $\nabla f(\alpha w) = \nabla f(w)/\alpha$, so one SGD step changes the row's *direction* by
+#   $\eta/\alpha^2$ times as much as at scale 1: the effective learning rate is
 #   $\propto 1/\|w_k\|^2$. A row shrunk 50-fold is trained as if with a 2,500-fold learning
 #   rate. This is why the protocol calls `calibrate.restore_bn_input_norms` before
 #   fine-tuning: it scales such rows back to the dense layer's RMS norm (and BN's running
@@ -583,8 +588,8 @@ assert float(cos_slices.median()) > 1e-3                       # ... not for the
 # remove, $D$ = the 0.9-quantile of their magnitudes, and choose λ so that a constant push of
 # λ per unit learning rate, *carried by the training optimizer's momentum* μ = 0.9, moves a
 # parameter by D over the phase: $\lambda \cdot V(\eta, \mu) = D$ with
-# $V \approx \sum_t\eta_t/(1-\mu)$ (`sgd_displacement` computes it exactly). Every method then
-# gets the **same per-step push** $\lambda\eta_t$ for the same $D$.
+# $V \approx \sum_s\eta_s/(1-\mu)$ (`sgd_displacement` computes it exactly). Every method then
+# gets the **same per-step push** $\lambda\eta_s$ for the same $D$.
 #
 # **Why D and not 2D, as for the BN-based methods.** Chapter 2's rules move γ, and the task
 # gradient resists that push, so they ask for a reach of margin × D = 2D. The group norms here
@@ -598,7 +603,7 @@ assert float(cos_slices.median()) > 1e-3                       # ... not for the
 #
 # **Why OTO's groups get a shorter reach.** OTO's zero-invariant groups take their steps
 # without momentum ($\mu = 0$, as in the official configs). The same per-step push then adds up
-# to only $\lambda\sum_t\eta_t \approx (1-\mu)\cdot D = 0.1D$ over the phase, a tenth of the
+# to only $\lambda\sum_s\eta_s \approx (1-\mu)\cdot D = 0.1D$ over the phase, a tenth of the
 # others' reach. Giving OTO the same *reach* instead would make its per-step push ten times
 # stronger relative to the task gradient than every other method's (momentum multiplies the
 # task gradient and the penalty alike for the others, and neither for OTO's groups); the
@@ -692,7 +697,7 @@ print(f"SSL 2D {time.time() - t0:4.0f} s  " + "  ".join(
 
 # %% [markdown]
 # The strength each run used, as `run` recorded it, and the reach it gives (for OTO, without
-# momentum: $\lambda\sum_t\eta_t$; "SSL 2D" was given twice SSL's values by hand):
+# momentum: $\lambda\sum_s\eta_s$; "SSL 2D" was given twice SSL's values by hand):
 
 # %%
 for label, r in results.items():
@@ -967,7 +972,7 @@ assert (np.diff([f for _, f in hist]) >= 0).all()                 # ... and none
 # Why (almost) no group reached zero: with $\epsilon = 0$ the half-space test projects a group
 # only when one step turns it by more than 90°, i.e. when a single step is longer than the
 # group's own component along itself — after the whole phase has brought it close to 0. The
-# penalty's total reach without momentum is $\lambda\sum_t\eta_t$; compared with the group
+# penalty's total reach without momentum is $\lambda\sum_s\eta_s$; compared with the group
 # norms at the start:
 
 # %%
@@ -1039,8 +1044,8 @@ for label in ("OTO", "SSL 2D"):
 # but the global ranking of unweighted group norms cuts some layers to a few channels (the width
 # figure: 3 of 16 in `layer1.1`, 10 of 64 in `layer3.0`) and leaves others almost whole.
 #
-# The size of the restore effect follows the row norms. Rows shrunk by a factor $a$ are
-# fine-tuned with an effective learning rate $1/a^2$ times the nominal one (BN's scale
+# The size of the restore effect follows the row norms. Rows shrunk by a factor $\alpha$ are
+# fine-tuned with an effective learning rate $1/\alpha^2$ times the nominal one (BN's scale
 # invariance, Section 6). Where the sparse phase collapsed the rows (SSL at 2D, 2% of the dense
 # norm), the unrestored copy is fine-tuned at a learning rate thousands of times too hot and
 # recovers far less in the same steps (in our run 28.6% against 52.7% restored); where the rows

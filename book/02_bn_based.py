@@ -56,8 +56,8 @@
 # and nothing else; $a$: PR's upper value of γ; $n$: the number of factors PR polarizes,
 # $\bar\gamma$ their mean, $\sigma_i = \mathrm{sign}(\gamma_i - \bar\gamma)$, $q$: the fraction of
 # them at $a$ (or above the mean). $\Phi$: the standard normal CDF, $\Phi'(0) = 1/\sqrt{2\pi}$ its
-# density at 0; $\zeta$: SCP's "off" level (`eps` in prunelib), $z_c = (\beta_c -
-# \zeta)/\lvert\gamma_c\rvert$, $\theta_\text{off}$: SCP's decision threshold (`tau` in prunelib) on
+# density at 0; $\chi$: SCP's "off" level (`eps` in prunelib), $z_c = (\beta_c -
+# \chi)/\lvert\gamma_c\rvert$, $\theta_\text{off}$: SCP's decision threshold (`tau` in prunelib) on
 # $P_\text{off}$, $T$: the Concrete temperature, $u \sim U(0, 1)$: a uniform random number. $M_c$: a
 # channel mask (SCP: soft, GBN: 0/1); $\varphi_c$: GBN's gate, $\Theta_c$ its Taylor score, $p$: the
 # fraction of filters a tick prunes; $r_l$: EagleEye's prune ratio of layer $l$. $D$: the drift the
@@ -389,11 +389,11 @@ print(f"valley of a two-cluster sample: {valley_threshold(two_clusters):.2f}")
 #
 # Kang & Han (2020) look at BatchNorm and the ReLU after it *together*. During training
 # $\hat x_c$ is standardized, so if it is roughly Gaussian the BN output is
-# $y_c \sim \mathcal N(\beta_c, \gamma_c^2)$ and the ReLU output is at most $\zeta$ ("off")
+# $y_c \sim \mathcal N(\beta_c, \gamma_c^2)$ and the ReLU output is at most $\chi$ ("off")
 # with probability
 #
-# $$P_\text{off}(c) = P(y_c \le \zeta) = \Phi\!\left(\frac{\zeta - \beta_c}{\lvert\gamma_c
-#   \rvert}\right) = \Phi(-z_c),\qquad z_c = \frac{\beta_c - \zeta}{\lvert\gamma_c\rvert}.$$
+# $$P_\text{off}(c) = P(y_c \le \chi) = \Phi\!\left(\frac{\chi - \beta_c}{\lvert\gamma_c
+#   \rvert}\right) = \Phi(-z_c),\qquad z_c = \frac{\beta_c - \chi}{\lvert\gamma_c\rvert}.$$
 #
 # They learn a differentiable mask $M_c$ per channel from it — a relaxed Bernoulli (binary
 # Concrete) sample with keep probability $1 - P_\text{off}$,
@@ -401,7 +401,7 @@ print(f"valley of a two-cluster sample: {valley_threshold(two_clusters):.2f}")
 # or its mean $M_c = 1 - P_\text{off}$ ("soft decisions") — multiply the channel by it, add
 # $\lambda\sum_c (1 - P_\text{off}(c))$ (the expected number of active channels) to the loss,
 # and remove the channels likely to be off ($P_\text{off} \ge \theta_\text{off}$). There is no
-# official code; `prunelib`'s choices ($\zeta = 0$, $\theta_\text{off} = 0.5$, the deterministic
+# official code; `prunelib`'s choices ($\chi = 0$, $\theta_\text{off} = 0.5$, the deterministic
 # mask $1 - P_\text{off}$ by default, Concrete samples with $T = 0.5$ as `mask="concrete"`) and the
 # reasons are in its docstring. How good is the Gaussian model on the baseline's real
 # activations? Compare, for the first block, the predicted $P_\text{off}$ with the fraction of
@@ -892,18 +892,18 @@ assert ee.best["score"] == max(c["score"] for c in ee.candidates)
 # `### END SOLUTION`, followed by a check cell; exercises only rely on the setup cell.
 #
 # **Exercise 1 — derivation: SCP's push on β and γ.** SCP adds
-# $\lambda\sum_c\Phi(z_c)$, $z_c = (\beta_c - \zeta)/\lvert\gamma_c\rvert$, to the loss. Derive
+# $\lambda\sum_c\Phi(z_c)$, $z_c = (\beta_c - \chi)/\lvert\gamma_c\rvert$, to the loss. Derive
 # its partial derivatives with respect to $\beta_c$ and $\gamma_c$ (chain rule through $\Phi$;
 # $\gamma_c \ne 0$) and return both in closed form. (At $z_c = 0$ the first one is
 # $\lambda\Phi'(0)/\lvert\gamma_c\rvert$: the push the strength rule uses for SCP.) The check
 # compares with central finite differences.
 
 # %%
-def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, zeta: float,
+def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, chi: float,
                       lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d/d beta, d/d gamma) of lam * sum_c Phi((beta_c - zeta) / |gamma_c|), per channel."""
+    """(d/d beta, d/d gamma) of lam * sum_c Phi((beta_c - chi) / |gamma_c|), per channel."""
     ### BEGIN SOLUTION
-    z = (beta - zeta) / gamma.abs()
+    z = (beta - chi) / gamma.abs()
     density = torch.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
     return lam * density / gamma.abs(), -lam * density * z * gamma.sign() / gamma.abs()
     ### END SOLUTION
@@ -931,13 +931,13 @@ assert torch.allclose(_db, _fd_b, atol=1e-7) and torch.allclose(_dg, _fd_g, atol
 
 # %% [markdown]
 # **Exercise 2 — SCP's off-probability.** Return $P(\mathrm{relu}(\gamma\hat x + \beta) \le
-# \zeta)$ for $\hat x \sim \mathcal N(0, 1)$, per channel, for tensors `gamma`, `beta` and a
-# float `zeta >= 0`. The check compares with a Monte-Carlo estimate.
+# \chi)$ for $\hat x \sim \mathcal N(0, 1)$, per channel, for tensors `gamma`, `beta` and a
+# float `chi >= 0`. The check compares with a Monte-Carlo estimate.
 
 # %%
-def off_probability(gamma: torch.Tensor, beta: torch.Tensor, zeta: float) -> torch.Tensor:
+def off_probability(gamma: torch.Tensor, beta: torch.Tensor, chi: float) -> torch.Tensor:
     ### BEGIN SOLUTION
-    return ndtr((zeta - beta) / gamma.abs())
+    return ndtr((chi - beta) / gamma.abs())
     ### END SOLUTION
 
 
@@ -946,9 +946,9 @@ def off_probability(gamma: torch.Tensor, beta: torch.Tensor, zeta: float) -> tor
 _g = torch.tensor([0.5, -1.0, 2.0, 0.1, 1.0])
 _b = torch.tensor([0.2, -0.5, 1.0, 0.05, 0.0])
 _x = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0))
-for _zeta in (0.0, 0.3):
-    _mc = (F.relu(_g * _x + _b) <= _zeta).float().mean(0)
-    assert torch.allclose(off_probability(_g, _b, _zeta), _mc, atol=5e-3)
+for _chi in (0.0, 0.3):
+    _mc = (F.relu(_g * _x + _b) <= _chi).float().mean(0)
+    assert torch.allclose(off_probability(_g, _b, _chi), _mc, atol=5e-3)
 
 # %% [markdown]
 # **Exercise 3 — implementation: fold constant channels into a 1×1 convolution.** Input

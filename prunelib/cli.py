@@ -6,6 +6,8 @@ Commands (one ``cmd_<name>(args) -> int`` function each, registered in `main`):
     run      prune a baseline with one method under a budget; write the result as JSON
     methods  list the registered methods
     bench    print the benchmark table (training speed, data, surgery, latency, overhead)
+    sweep    run a grid of `run`s (methods x budgets x seeds) into a results folder; resumes
+    report   aggregate result JSONs: mean ± std and n per method and budget, and figures
 
 User errors (a bad flag or value, an unknown method or hyperparameter, an invalid budget, an
 unwritable output, a missing or unusable data set) print ``prunelib: error: <message>`` on
@@ -353,6 +355,166 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _unique(values: Sequence[Any], flag: str) -> None:
+    seen: set = set()
+    for v in values:
+        if v in seen:
+            raise UsageError(f"{flag} {v} is given twice")
+        seen.add(v)
+
+
+def _folder(path: str | Path, flag: str) -> Path:
+    """`path` as an output folder (created if missing) after checking a file can be written in
+    it; UsageError naming `flag` otherwise."""
+    import os
+    import tempfile
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {str(folder)!r} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".prunelib.", suffix=".probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"{flag} {str(folder)!r} is not writable ({e.strerror or e}); choose "
+                         "another folder") from None
+    return folder
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Every run of the grid through `pipeline.run`, one JSON per run in --out (`prunelib.sweep`).
+
+    Checked before any data is loaded: the methods, budgets and seeds (known, in range, not
+    repeated), the device, the folder (writable, and no result in it made with other settings),
+    the baseline cache when a baseline must be trained, the data root. Exits 1 when runs failed.
+    """
+    from . import methods, sweep
+    from .pipeline import baseline_paths, load_baseline
+    from .select import Budget
+    registered = methods.names()
+    names = registered if args.methods == ["all"] else args.methods
+    for name in names:
+        if name not in registered:
+            raise UsageError(f"--methods {name}: unknown method {name!r}; registered: "
+                             f"{', '.join(registered)} (or all)")
+    _unique(names, "--methods")
+    _unique(args.budgets, "--budgets")
+    _unique(args.seeds, "--seeds")
+    for b in args.budgets:
+        try:
+            Budget(macs=b)
+        except ValueError as e:
+            raise UsageError(f"--budgets: {e}") from None
+    overrides = {k: v for k, v in (("reg_epochs", args.reg_epochs),
+                                   ("ft_epochs", args.ft_epochs)) if v is not None}
+    grid = sweep.Grid(tuple(names), tuple(args.budgets), tuple(args.seeds), args.model,
+                      args.scale, overrides)
+    scale = grid.settings()
+    device = _device(args.device)
+    folder = _folder(args.out, "--out")
+    paths = baseline_paths(args.model)
+    if not any(p.is_file() for p in paths):
+        _output(paths[0], "the baseline cache (to be trained; set PRUNELIB_CACHE)")
+    _data_root(args)
+    try:
+        planned = sweep.plan(grid, folder)
+    except sweep.SweepError as e:
+        raise UsageError(str(e)) from None
+    if args.dry_run:
+        for p in planned:
+            _log(f"{'finished' if p.finished else 'to run':8s}  {p.path.name}"
+                 + ("" if p.finished else f"  ({p.why})"))
+        return 0
+    quiet = args.quiet or not sys.stderr.isatty()
+
+    def load_data(seed: int) -> Any:
+        return _load_data(root=args.data, batch_size=scale.batch_size, subset=scale.subset,
+                          test_subset=scale.test_subset, holdout=scale.holdout, device=device,
+                          seed=seed, download=args.download)
+
+    def load_model(data: Any) -> tuple[Any, dict]:
+        model, info = load_baseline(args.model, data, device=device, scale=scale, quiet=quiet)
+        _log(f"# baseline {args.model}: {info.get('accuracy', float('nan')):.2f}% "
+             f"({info['path']})")
+        return model, info
+
+    done = sweep.sweep(grid, folder, load_data, load_model, device=device,
+                       command="prunelib " + " ".join(shlex.quote(a) for a in args.argv),
+                       quiet=quiet, log=_log)
+    if done.failed:
+        print(f"prunelib: error: {len(done.failed)} of {len(planned)} runs failed: "
+              + "; ".join(f"{label} ({err})" for label, err in done.failed)
+              + ". Rerun the same command to retry them (finished runs are skipped).",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .models import MODELS
+    from .pipeline import SCALES
+    p = sub.add_parser("sweep", help="run a grid of methods x budgets x seeds; resumable",
+                       description="Run every (method, budget, seed) of the grid through the "
+                                   "same protocol as `prunelib run`, writing one result JSON "
+                                   "per run into --out (atomically). Runs whose file is "
+                                   "already complete are skipped, so rerunning the command "
+                                   "resumes an interrupted sweep.")
+    p.add_argument("--methods", nargs="+", required=True, metavar="NAME",
+                   help="names from `prunelib methods`, or all")
+    p.add_argument("--budgets", nargs="+", default=[0.5], metavar="MACS",
+                   type=_number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+                   help="fractions of the dense MACs to keep (default 0.5)")
+    p.add_argument("--seeds", nargs="+", type=_NATURAL, default=[0], metavar="SEED")
+    p.add_argument("--model", default="resnet20", choices=MODELS)
+    p.add_argument("--scale", default="bench", choices=list(SCALES))
+    p.add_argument("--reg-epochs", type=_NONNEG, default=None,
+                   help="override the scale's (0: no sparse phase)")
+    p.add_argument("--ft-epochs", type=_NONNEG, default=None,
+                   help="override the scale's (0: no fine-tuning)")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="results folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs, finished or to run, and stop")
+    p.add_argument("--data", default=None, help="data root (default: $PRUNELIB_DATA)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars inside runs")
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Table of mean ± std and n per method and budget (stdout, and --out/report.md or .txt)
+    and, with --out, the four figures of `prunelib.report` as PNG."""
+    from . import report
+    from .fileio import atomic_write_text
+    out = _folder(args.out, "--out") if args.out else None
+    try:
+        results = report.load_results(args.results)
+    except report.ResultError as e:
+        raise UsageError(str(e)) from None
+    rows = report.aggregate(results)
+    text = report.table(rows, args.format)
+    _log(text)
+    if out is not None:
+        path = out / f"report.{'md' if args.format == 'markdown' else 'txt'}"
+        atomic_write_text(path, text + "\n")
+        figures = report.write_figures(rows, out)
+        _log(f"wrote {path} and {', '.join(f.name for f in figures)} ({len(results)} results)")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="aggregate result JSONs into a table and figures",
+                       description="Read result JSONs (folders of them, or files; JSON only), "
+                                   "print mean ± std and n per method and budget, and with "
+                                   "--out write the table and four figures there.")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="result folders or JSON files")
+    p.add_argument("--out", default=None, metavar="FOLDER",
+                   help="write report.md (or .txt) and the figures (PNG) here")
+    p.add_argument("--format", default="markdown", choices=["markdown", "text"])
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the chosen command; return its exit code.
 
@@ -370,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "methods": (lambda sub: sub.add_parser("methods", help="list registered methods"),
                     cmd_methods),
         "bench": (_add_bench, cmd_bench),
+        "sweep": (_add_sweep, cmd_sweep),
+        "report": (_add_report, cmd_report),
     }
     parsers = {name: adder(sub) for name, (adder, _) in commands.items()}
     for name, (_, func) in commands.items():

@@ -87,7 +87,7 @@ SC = SCALES[SCALE]          # the book's one protocol (prunelib.pipeline): not a
 QUICK = SCALE == "quick"
 SEED = SC.seed                                  # the protocol's seed (subsets, shuffling, init)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DATA_ROOT = os.environ.get("PRUNELIB_DATA")     # None: ~/.cache/prunelib (download allowed)
+DATA_ROOT = os.environ.get("PRUNELIB_DATA")     # None: ~/.cache/prunelib (never downloads)
 torch.manual_seed(SEED)
 np.random.seed(SEED)
 T_START = time.time()

@@ -70,7 +70,7 @@ assert SCALE in SCALES, f"PRUNELIB_SCALE must be one of {sorted(SCALES)}, got {S
 SC = SCALES[SCALE]                              # the protocol: subsets, epochs, lr, target, seed
 QUICK = SCALE == "quick"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DATA_ROOT = os.environ.get("PRUNELIB_DATA")     # None: ~/.cache/prunelib (download allowed)
+DATA_ROOT = os.environ.get("PRUNELIB_DATA")     # None: ~/.cache/prunelib (never downloads)
 torch.manual_seed(SC.seed)
 np.random.seed(SC.seed)
 T_START = time.time()

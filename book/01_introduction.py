@@ -1145,9 +1145,10 @@ assert res_l1c["hparams"]["residual"] == "coupled"
 # ## Exercises
 #
 # Each exercise is a code cell with a solution between `### BEGIN SOLUTION` and
-# `### END SOLUTION` markers, followed by a check cell. `python tools/make_student.py` writes a
-# student version with the solutions replaced by `raise NotImplementedError()`. Exercises only
-# rely on the setup cell at the top of the chapter.
+# `### END SOLUTION` markers, followed by a check cell whose first line names the exercise and
+# its points. `python tools/make_student.py` writes a student version with the solutions
+# replaced by `raise NotImplementedError()`, and `tools/grade.py` grades it (see the preface).
+# Exercises only rely on the setup cell at the top of the chapter.
 #
 # **Exercise 1 — nonnegative soft-thresholding.** SSS and GAL keep their channel scales
 # nonnegative: their proximal step solves

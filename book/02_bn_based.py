@@ -889,7 +889,8 @@ assert ee.best["score"] == max(c["score"] for c in ee.candidates)
 # ## Exercises
 #
 # Each exercise is a code cell with a solution between `### BEGIN SOLUTION` and
-# `### END SOLUTION`, followed by a check cell; exercises only rely on the setup cell.
+# `### END SOLUTION`, followed by a check cell whose first line names the exercise and its
+# points; exercises only rely on the setup cell.
 #
 # **Exercise 1 — derivation: SCP's push on β and γ.** SCP adds
 # $\lambda\sum_c\Phi(z_c)$, $z_c = (\beta_c - \chi)/\lvert\gamma_c\rvert$, to the loss. Derive

@@ -1085,8 +1085,9 @@ for label in ("OTO", "SSL 2D"):
 # ## Exercises
 #
 # Each exercise is a code cell with a solution between `### BEGIN SOLUTION` and
-# `### END SOLUTION`, followed by a check cell; `python tools/make_student.py` writes the
-# student version. Exercises only rely on the setup cell.
+# `### END SOLUTION`, followed by a check cell whose first line names the exercise and its
+# points; `python tools/make_student.py` writes the student version. Exercises only rely on the
+# setup cell.
 #
 # **Exercise 1 — SSL's filter-group subgradient.** For a conv weight `w` of shape
 # (out, in, kh, kw), return $\lambda\, W_j / \|W_j\|$ for every filter $j$ (0 for a zero

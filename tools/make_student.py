@@ -14,6 +14,7 @@ The student version replaces every region from `### BEGIN SOLUTION` to `### END 
 
     python tools/make_student.py book/01_introduction.py [-o student/] [--ipynb]
     python tools/make_student.py --check [CHAPTER ...]   # default: every book/[0-9]*.py
+    python tools/make_student.py --release OUT [CHAPTER ...]   # assignments + answer key
 
 `--check` guarantees, for every chapter (exit status 1 and one line per violation otherwise):
   (a) markers are well-formed and balanced: each marker line is exactly `### BEGIN SOLUTION` or

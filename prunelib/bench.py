@@ -8,7 +8,8 @@ Every ratio is against a baseline measured in the same run on the same device:
   latency    dense vs pruned ResNet-56 at 50% MACs (L1 scores, internal groups), batch 1 and
              64, next to the MACs ratio; target at batch 64: speedup >= 0.8 x MACs ratio
   overhead   per-step cost of each registered method's hooks on ResNet-56 relative to a plain
-             step, median and spread over interleaved rounds; target <= 2%
+             step (and, for ResRep and SCOP, to the paper's own forward built as modules),
+             median and spread over interleaved rounds; target <= 2% (`prunelib.hookcost`)
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import math
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -26,29 +26,14 @@ from torch import nn
 from . import methods
 from .data import Batches
 from .graph import channel_groups
+from .hookcost import _images, bench_overhead, overhead_rows
+from .hookcost import timed as _timed
 from .measure import count, latency
 from .methods.base import Context
 from .models import get_model
 from .select import Budget
 from .surgery import remove_channels
 from .train import fit
-
-
-def _images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-            rng.integers(0, 10, n).astype(np.int64))
-
-
-def _timed(fn: Callable[[], Any], device: torch.device,
-           clock: Callable[[], float] = time.perf_counter) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = clock()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return clock() - t
 
 
 def hand_loop(model: nn.Module, batches: Batches, steps: int, lr: float = 0.05) -> None:
@@ -118,111 +103,6 @@ def bench_latency(device: torch.device, reps: int, rounds: int = 3) -> list[dict
             p = min(p, latency(pruned, xb, reps=reps))
         rows.append({"batch": b, "dense_ms": d, "pruned_ms": p, "speedup": d / p,
                      "macs_ratio": ratio})
-    return rows
-
-
-def _quantiles(v: list[float]) -> dict[str, float]:
-    q = np.quantile(np.asarray(v, dtype=float), [0.0, 0.25, 0.5, 0.75, 1.0])
-    return dict(zip(("min", "q1", "median", "q3", "max"), map(float, q)))
-
-
-def bench_overhead(device: torch.device, steps: int, bs: int = 64, rounds: int = 9,
-                   model_name: str = "resnet56", names: list[str] | None = None
-                   ) -> dict[str, Any]:
-    """Per-step cost of each method's hooks relative to a plain step (sparse-phase steps).
-
-    Per method, a plain copy and a hooked copy of the model take one warm-up step each, then
-    `rounds` rounds of `steps` steps each, alternated step by step (plain first in even rounds,
-    hooked first in odd ones), so that load on a shared machine hits both alike. A round's
-    overhead is o_r = sum(t_hooked) / sum(t_plain) - 1 over its steps; the result per method
-    is the median of o_r with its quartiles and min / max over the rounds (name ->
-    {'median', 'q1', 'q3', 'min', 'max', 'rounds'}), or 'n/a (error)' if a method failed.
-    `plain_ms` is the median plain step. The clock is the process's CPU time on CPU
-    (`time.process_time`: time that other jobs take from a shared machine's cores does not
-    count) and wall time with synchronization on CUDA. Both optimizers have the same settings
-    (SGD, momentum 0.9, weight decay 5e-4); a method's own `param_groups` are part of its cost.
-    OTO is timed in its HSPG (half-space) stage, annealing methods anneal over the timed steps.
-    """
-    x, y = _images(bs * 4)
-    batches = Batches(x, y, bs, shuffle=False, augment=False, device=device)
-    data = list(batches)
-    ex = data[0][0][:1]
-    out: dict[str, Any] = {}
-
-    def stepper(model: nn.Module, hooks: Any) -> Callable[[], float]:
-        opt = torch.optim.SGD(hooks.param_groups(model, 0.01, 5e-4) if hooks else
-                              model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-        def step() -> None:
-            xb, yb = data[state[0] % len(data)]
-            state[0] += 1
-            loss = F.cross_entropy(model(xb), yb)
-            t = hooks.loss_term(model) if hooks else None
-            if t is not None:
-                loss = loss + t
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if hooks:
-                hooks.after_backward(model)
-            opt.step()
-            if hooks:
-                hooks.after_step(model)
-        state = [0]
-        return lambda: _timed(step, device, clock)
-
-    # on CPU the process's CPU time: what other jobs take from the cores does not count
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
-
-    base_model = get_model(model_name).to(device).to(memory_format=torch.channels_last)
-    plain = stepper(copy.deepcopy(base_model), None)
-    plain_times: list[float] = []
-    for name in names if names is not None else methods.names():
-        model = copy.deepcopy(base_model)
-        try:
-            m = methods.get(name)
-            if "anneal_steps" in type(m).HPARAMS:     # annealed over the timed steps
-                m = methods.get(name, anneal_steps=1 + rounds * steps)
-            m.ctx = Context(example_inputs=ex, train_loader=batches, calib_loader=batches,
-                            device=device, quiet=True, epochs=1.0)
-            model = m.attach(model, channel_groups(model, ex)).to(device)
-            if hasattr(m, "total_steps"):     # OTO: phase length known, time its HSPG stage
-                m.total_steps = 1
-            hooked = stepper(model, m)
-            plain(), hooked()                                         # warm-up
-            ratios = []
-            for r in range(rounds):
-                tp = th = 0.0
-                for _ in range(steps):
-                    if r % 2:
-                        th += hooked()
-                        tp += plain()
-                    else:
-                        tp += plain()
-                        th += hooked()
-                plain_times.append(tp / steps)
-                ratios.append(th / tp - 1)
-            out[name] = {**_quantiles(ratios), "rounds": rounds}
-        except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
-            out[name] = f"n/a ({type(e).__name__}: {e})"[:70]
-    out["plain_ms"] = 1000 * float(np.median(plain_times)) if plain_times else math.nan
-    return out
-
-
-def overhead_rows(ov: dict[str, Any], target: float = 0.02) -> list[str]:
-    """Table lines of `bench_overhead`'s result: median [q1, q3] (min .. max) per method."""
-    rows = [f"{'plain step (ms), median':26s} {ov['plain_ms']:8.1f}",
-            f"{'hook overhead':26s} {'median':>8s} {'[q1, q3]':>16s} {'(min .. max)':>18s}"
-            f"  rounds  target"]
-    for name, v in ov.items():
-        if name == "plain_ms":
-            continue
-        if not isinstance(v, dict):
-            rows.append(f"{'  ' + name:26s} {v}")
-            continue
-        p = {k: 100 * v[k] for k in ("median", "q1", "q3", "min", "max")}
-        rows.append(f"{'  ' + name:26s} {p['median']:7.2f}% [{p['q1']:6.2f}, {p['q3']:6.2f}] "
-                    f"({p['min']:6.2f} .. {p['max']:6.2f})  {v['rounds']:6d}  "
-                    f"<= {100 * target:g}%")
     return rows
 
 

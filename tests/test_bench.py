@@ -1,10 +1,11 @@
 """The benchmark's building blocks run for every registered method (no timing asserted)."""
+import copy
 import math
 
 import torch
 
 from prunelib import methods
-from prunelib.bench import bench_overhead, overhead_rows
+from prunelib.hookcost import bench_overhead, overhead_rows
 
 
 def test_overhead_bench_runs_the_hooks_of_every_registered_method():
@@ -16,6 +17,40 @@ def test_overhead_bench_runs_the_hooks_of_every_registered_method():
         v = out[name]
         assert v["rounds"] == 3 and all(math.isfinite(v[k]) for k in ("min", "q1", "q3", "max"))
         assert v["min"] <= v["q1"] <= v["median"] <= v["q3"] <= v["max"]
+    refs = {n for n in methods.names() if "vs_reference" in out[n]}
+    assert refs == {"resrep", "scop"}          # the papers that change the forward pass
+    for name in refs:
+        v = out[name]["vs_reference"]
+        assert v["min"] <= v["q1"] <= v["median"] <= v["q3"] <= v["max"]
     rows = overhead_rows(out)
-    assert len(rows) == 2 + len(methods.names())
-    assert all("%" in r and "<= 2%" in r for r in rows[2:])
+    assert len(rows) == 2 + len(methods.names()) + len(refs)
+    assert all("%" in r for r in rows[2:]) and sum("<= 2%" in r for r in rows) == len(out) - 1
+
+
+class _Same(torch.nn.Module):
+    """A generator returning one fixed knockoff batch."""
+    def __init__(self, kf):
+        super().__init__()
+        self.register_buffer("kf", kf)
+
+    def forward(self, z):
+        return self.kf[:len(z)]
+
+
+def test_the_papers_forward_computes_what_the_hooked_model_computes():
+    from prunelib.graph import channel_groups
+    from prunelib.hookcost import reference
+    from prunelib.methods.base import Context
+    from prunelib.models import get_model
+    torch.manual_seed(0)
+    base, x = get_model("resnet20").train(), torch.randn(4, 3, 32, 32)
+    for name in ("resrep", "scop"):
+        m = methods.get(name)
+        m.ctx = Context(example_inputs=x[:1])
+        hooked = m.attach(copy.deepcopy(base), channel_groups(base, x[:1]))
+        if name == "scop":
+            m.set_generator(_Same(torch.randn(4, 3, 32, 32)))
+        ref, make_input = reference(m, base)
+        got = ref.train()(make_input(x) if make_input else x)[:4]
+        torch.testing.assert_close(hooked.train()(x), got, rtol=1e-5, atol=1e-5)
+    assert reference(methods.get("ns"), base) is None

@@ -240,6 +240,10 @@ class SCOP(Magnitude):
             h = model.get_submodule(name).register_forward_hook(mixer(name))
             self._handles.append((name, h.id))
 
+    def mixed_convs(self) -> list[str]:
+        """Names of the convs whose outputs are mixed (the source convs of the groups)."""
+        return list(self._index)
+
     @torch.no_grad()
     def knockoffs(self, x: torch.Tensor) -> torch.Tensor:
         """A knockoff batch like `x` (same shape, device, dtype and memory format): G(z),

@@ -1166,12 +1166,18 @@ def nonneg_soft_threshold(z: torch.Tensor, theta: float) -> torch.Tensor:
 
 # %%
 # check: ch1.nonneg-prox (3 points)
-def _names(code) -> set:          # every name the answer refers to (nested code included)
-    return set(code.co_names).union(*(_names(c) for c in code.co_consts
-                                      if hasattr(c, "co_names")))
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
 
 
-assert not _names(nonneg_soft_threshold.__code__) & {"soft_threshold", "methods"}, \
+assert not _names(nonneg_soft_threshold) & {"soft_threshold", "methods"}, \
     "derive it: no prunelib thresholding function"
 _z = torch.linspace(-3, 3, 61, dtype=torch.float64)
 _u = nonneg_soft_threshold(_z, 0.7)
@@ -1200,12 +1206,18 @@ def conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:
 
 # %%
 # check: ch1.conv-macs (2 points)
-def _names(code) -> set:          # every name the answer refers to (nested code included)
-    return set(code.co_names).union(*(_names(c) for c in code.co_consts
-                                      if hasattr(c, "co_names")))
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
 
 
-assert not _names(conv_macs.__code__) & {"count", "layer_macs", "flop_counter", "measure"}, \
+assert not _names(conv_macs) & {"count", "layer_macs", "flop_counter", "measure"}, \
     "count the MACs by hand, not with prunelib or torch's counter"
 for _cfg in [dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
              dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, groups=32),
@@ -1266,13 +1278,19 @@ def constant_lr_reach(eta: float, mu: float, steps: int) -> float:
 
 # %%
 # check: ch1.momentum-reach (3 points)
-def _names(code) -> set:          # every name the answer refers to (nested code included)
-    return set(code.co_names).union(*(_names(c) for c in code.co_consts
-                                      if hasattr(c, "co_names")))
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
 
 
-assert not _names(constant_lr_reach.__code__) & {"range", "arange", "cumsum", "strength",
-                                                  "sgd_displacement", "optim", "SGD"}, \
+assert not _names(constant_lr_reach) & {"range", "arange", "cumsum", "strength",
+                                        "sgd_displacement", "optim", "SGD"}, \
     "a closed form: no loop over the steps, no optimizer, no prunelib.strength"
 for _eta, _mu in ((0.05, 0.9), (0.3, 0.5), (0.1, 0.0)):
     _p = torch.zeros(1, dtype=torch.float64, requires_grad=True)

@@ -912,12 +912,18 @@ def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, chi: float,
 
 # %%
 # check: ch2.scp-grads (3 points)
-def _names(code) -> set:          # every name the answer refers to (nested code included)
-    return set(code.co_names).union(*(_names(c) for c in code.co_consts
-                                      if hasattr(c, "co_names")))
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
 
 
-assert not _names(scp_penalty_grads.__code__) & {
+assert not _names(scp_penalty_grads) & {
     "grad", "backward", "autograd", "func", "jacrev", "jacfwd", "vjp", "ndtr", "erf", "erfc",
     "methods"}, "derive the closed form: no autograd, no numerical differentiation"
 _g = torch.tensor([0.5, -1.2, 2.0, 0.3, 0.8], dtype=torch.float64)

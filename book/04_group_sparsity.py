@@ -1103,12 +1103,18 @@ def filter_lasso_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
 
 # %%
 # check: ch4.filter-grad (2 points)
-def _names(code) -> set:          # every name the answer refers to (nested code included)
-    return set(code.co_names).union(*(_names(c) for c in code.co_consts
-                                      if hasattr(c, "co_names")))
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
 
 
-assert not _names(filter_lasso_grad.__code__) & {
+assert not _names(filter_lasso_grad) & {
     "grad", "backward", "autograd", "func", "jacrev", "jacfwd", "vjp", "methods"}, \
     "write the subgradient yourself: no autograd"
 _w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
@@ -1177,12 +1183,18 @@ def zero_zig_(seq: nn.Sequential, k: int) -> None:
 
 # %%
 # check: ch4.zero-group (2 points)
-def _names(code) -> set:          # every name the answer refers to (nested code included)
-    return set(code.co_names).union(*(_names(c) for c in code.co_consts
-                                      if hasattr(c, "co_names")))
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
 
 
-assert not _names(zero_zig_.__code__) & {"zero_", "channel_groups", "members", "rows"}, \
+assert not _names(zero_zig_) & {"zero_", "channel_groups", "members", "rows"}, \
     "name the tensors yourself: no prunelib group"
 torch.manual_seed(1)
 _seq = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),

@@ -480,10 +480,10 @@ assert shrink[1, 0] < 0.1 < 0.9 < shrink[1, 3]       # ... until they separate
 # `prunelib`:
 
 # %%
-def greg1_lambda(t: int, delta: float, tau: float, k_u: int) -> float:
-    """lambda of a pruned filter after the update at iteration t (updates at 0, K_u, ...)."""
+def greg1_lambda(s: int, delta: float, tau: float, k_u: int) -> float:
+    """lambda of a pruned filter after the update at step s (updates at 0, K_u, ...)."""
     n_tau = math.floor(tau / delta) + 1                       # first count above tau
-    return delta * min(t // k_u + 1, n_tau)
+    return delta * min(s // k_u + 1, n_tau)
 
 
 m_greg = copy.deepcopy(net)
@@ -495,16 +495,16 @@ w_abs = m_greg.layer2[1].conv1.weight.detach().abs().mean((1, 2, 3))
 want = torch.zeros(len(w_abs), dtype=torch.bool)
 want[torch.argsort(w_abs)[:math.ceil(0.5 * len(w_abs))]] = True
 assert torch.equal(greg_check.pruned[gi].cpu(), want)
-for t in range(20):
+for s in range(20):
     for p in m_greg.parameters():
         p.grad = torch.zeros_like(p)
     greg_check.after_backward(m_greg)
-    lam_t = greg_check.lam[gi]
-    assert torch.allclose(lam_t[want], torch.full((int(want.sum()),),
-                                                  greg1_lambda(t, 0.03, 0.1, 4)))
-    assert (lam_t[~want] == 0).all()
+    lam_s = greg_check.lam[gi]
+    assert torch.allclose(lam_s[want], torch.full((int(want.sum()),),
+                                                  greg1_lambda(s, 0.03, 0.1, 4)))
+    assert (lam_s[~want] == 0).all()
     w = m_greg.layer2[1].conv1.weight
-    assert torch.allclose(w.grad, lam_t.view(-1, 1, 1, 1) * w.detach())   # grad += lam_j W_j
+    assert torch.allclose(w.grad, lam_s.view(-1, 1, 1, 1) * w.detach())   # grad += lam_j W_j
     greg_check.after_step(m_greg)
 print("GReg-1 schedule from scratch == prunelib; final lambda of pruned filters:",
       float(greg_check.lam[gi].max()))

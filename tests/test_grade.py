@@ -204,6 +204,8 @@ def test_cli_prints_a_table_and_json(released, tmp_path):
     r = subprocess.run(tool + ["--only", "ch7.root"], capture_output=True, text=True)
     assert r.returncode == 0 and "ch7.root" in r.stdout and "ch7.double" not in r.stdout
     assert r.stdout.splitlines()[-1].split() == ["total", "3", "/", "3"]
+    r = subprocess.run(tool + ["--only", "ch7.nope"], capture_output=True, text=True)
+    assert r.returncode == 0 and "no exercise with id ch7.nope" in r.stdout
     r = subprocess.run(tool[:2] + [str(tmp_path / "none.ipynb")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr
 

@@ -218,6 +218,9 @@ def grade(notebook: Path, key_path: Path | None = None, only: list[str] | None =
         report.chapter = (meta.get("prunelib") or {}).get("chapter") if isinstance(
             meta.get("prunelib"), dict) else None
     where = locate(code)
+    unknown = sorted(set(only or []) - {e["id"] for e in expected})
+    if unknown:
+        report.notes.append(f"no exercise with id {', '.join(unknown)} in this chapter")
     for e in expected:
         if only and e["id"] not in only:
             continue

@@ -116,8 +116,10 @@ def _spec_diff(old: Any, new: dict) -> str:
     """Which fields of two specs differ, as 'key: old -> new' (settings flattened)."""
     if not isinstance(old, dict):
         return "no 'run' spec in the file"
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "settings"},  # noqa: E731
-                      **{f"settings.{k}": v for k, v in (d.get("settings") or {}).items()}}
+
+    def flat(d: dict) -> dict:
+        return {**{k: v for k, v in d.items() if k != "settings"},
+                **{f"settings.{k}": v for k, v in (d.get("settings") or {}).items()}}
     a, b = flat(old), flat(new)
     keys = [k for k in sorted(set(a) | set(b)) if not _same(a.get(k), b.get(k))]
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4]) or "?"

@@ -387,7 +387,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     Checked before any data is loaded: the methods, budgets and seeds (known, in range, not
     repeated), the device, the folder (writable, and no result in it made with other settings),
-    the baseline cache when a baseline must be trained, the data root. Exits 1 when runs failed.
+    the baseline cache when a baseline must be trained, the data root. Exits 1 when runs
+    failed, 130 when interrupted (Ctrl-C), without a traceback.
     """
     from . import methods, sweep
     from .pipeline import baseline_paths, load_baseline
@@ -439,9 +440,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
              f"({info['path']})")
         return model, info
 
-    done = sweep.sweep(grid, folder, load_data, load_model, device=device,
-                       command="prunelib " + " ".join(shlex.quote(a) for a in args.argv),
-                       quiet=quiet, log=_log)
+    try:
+        done = sweep.sweep(grid, folder, load_data, load_model, device=device,
+                           command="prunelib " + " ".join(shlex.quote(a) for a in args.argv),
+                           quiet=quiet, log=_log)
+    except KeyboardInterrupt:
+        print("prunelib: interrupted; the finished runs are kept in their files (the current "
+              "one is not). Rerun the same command to resume.", file=sys.stderr)
+        return 130
     if done.failed:
         print(f"prunelib: error: {len(done.failed)} of {len(planned)} runs failed: "
               + "; ".join(f"{label} ({err})" for label, err in done.failed)

@@ -392,3 +392,25 @@ def test_sweep_command_runs_the_grid_and_resumes(tmp_path: Path,
     assert "1 finished, 0 to run" in capsys.readouterr().out
     assert main([*argv, "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("finished  resnet20-quick-l1-macs0.6-seed0.json")
+
+
+def test_sweep_command_interrupted_keeps_finished_runs_and_says_how_to_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(data, "cifar10", tiny_data)
+    monkeypatch.setattr(pipeline, "load_baseline", lambda name, *a, **k: tiny_model())
+    real = pipeline.run
+
+    def run(method, *a, **k):
+        if method == "ns":
+            raise KeyboardInterrupt
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    argv = ["sweep", "--methods", "l1", "ns", "--budgets", "0.6", "--scale", "quick",
+            "--reg-epochs", "0", "--ft-epochs", "0.5", "--out", str(tmp_path), "--quiet",
+            "--device", "cpu"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("prunelib: interrupted;") and "Rerun the same command" in err
+    assert "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["resnet20-quick-l1-macs0.6-seed0.json"]

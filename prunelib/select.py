@@ -8,6 +8,13 @@ Three rules, all global over the groups a method scores (higher score = more imp
                        ones (NS's global percentile, by rank: tied scores do not change the
                        count);
   Budget(threshold=t)  remove every channel whose score is <= t.
+Hardware-friendly counts: Budget(..., multiple=m) rounds the number of channels every pruned
+group keeps up to a multiple of m, or to the group's full width when that is smaller
+(`round_keep`). CPU convolution kernels work on blocks of output channels (16 fp32 lanes with
+AVX-512 in oneDNN: 8 or 9 output channels cost what 16 do), so odd or small counts buy MACs
+without buying time. Under macs=r the search itself works on the rounded counts and still
+meets r (it removes more raw channels until the rounded model fits); under percent and
+threshold the rounding keeps up to m - 1 more channels per group than the rule alone.
 Ranking is by score, ties broken by group order then channel index (a stable sort), so the same
 scores always give the same keep sets. `MacModel` predicts the MACs of many removal counts at once
 (EagleEye's candidates, GBN's ticks). A per-group guard always keeps max(min_channels,
@@ -28,6 +35,7 @@ from torch import nn
 from .graph import ChannelGroup
 from .measure import layer_macs
 
+_MULTIPLE = "an integer >= 1 (kept channels per pruned group: a multiple of it, or all)"
 _RANGES = {"macs": "(0, 1] (the fraction of dense MACs to keep)",
            "percent": "[0, 1) (the fraction of scored channels to remove)",
            "threshold": "any finite number (channels scoring <= it are removed)"}
@@ -38,10 +46,15 @@ class Budget:
     """What to remove: exactly one of macs (fraction of dense MACs to keep, in (0, 1]), percent
     (fraction of scored channels to remove, in [0, 1)) or threshold (remove scores <= threshold,
     finite). The value must be a real number (not bool / str): TypeError; NaN, inf or out of
-    range: ValueError. It is stored as a float."""
+    range: ValueError. It is stored as a float.
+
+    multiple (optional, an integer >= 1; 1 or None: no rounding): every group the rule prunes
+    keeps a multiple of `multiple` channels, or its full width (module docstring). Not an
+    integer (bool, float, str): TypeError; < 1: ValueError."""
     macs: float | None = None
     percent: float | None = None
     threshold: float | None = None
+    multiple: int | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in _RANGES if getattr(self, k) is not None]
@@ -59,6 +72,22 @@ class Budget:
         if not ok:
             raise ValueError(f"Budget({key}={value}): {key} must be in {_RANGES[key]}")
         setattr(self, key, value)
+        m = self.multiple
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+                raise TypeError(f"Budget(multiple={m!r}): multiple must be {_MULTIPLE}, not "
+                                f"{type(m).__name__}")
+            if m < 1:
+                raise ValueError(f"Budget(multiple={m}): multiple must be {_MULTIPLE}")
+            self.multiple = int(m)
+
+
+def round_keep(keep: torch.Tensor, size: torch.Tensor, multiple: int | None) -> torch.Tensor:
+    """Kept channel counts rounded up to a multiple of `multiple`, capped at the group `size`
+    (elementwise, any float or integer tensors; None or 1: unchanged)."""
+    if not multiple or multiple == 1:
+        return keep
+    return torch.minimum(torch.ceil(keep / multiple) * multiple, size.to(keep.dtype))
 
 
 class MacModel:
@@ -134,7 +163,8 @@ def select_keep(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, 
     if budget.macs is not None:
         if example_inputs is None:
             raise ValueError("Budget(macs=...) needs example_inputs to count MACs")
-        n_keep = _by_macs(model, groups, scores, floor, budget.macs, example_inputs)
+        n_keep = _by_macs(model, groups, scores, floor, budget.macs, example_inputs,
+                          budget.multiple)
         cap = {i: groups[i].size - n_keep[i] for i in scores}
     else:
         cap = {i: groups[i].size - floor[i] for i in scores}
@@ -148,15 +178,25 @@ def select_keep(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, 
     elif budget.percent is not None:
         k = math.floor(budget.percent * len(values) + 1e-9)
         gone &= torch.cumsum(gone.long(), 0) <= k
+    if budget.multiple and budget.macs is None:      # keep rounded up: the lowest-ranked go
+        for i in scores:
+            size = torch.tensor(float(groups[i].size))
+            mine = owner == i
+            kept = round_keep(size - gone[mine].sum(), size, budget.multiple)
+            gone[mine] = rank[mine] < size - kept
     return {i: torch.sort(channel[(owner == i) & ~gone]).values for i in scores}
 
 
 def _by_macs(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, torch.Tensor],
-             floor: dict[int, int], target: float, example_inputs: Any) -> dict[int, int]:
+             floor: dict[int, int], target: float, example_inputs: Any,
+             multiple: int | None = None) -> dict[int, int]:
     """Greedy global removal in ascending score order until MACs <= target * dense.
 
     Vectorized: the MACs after every prefix of the sorted candidates (each group's count capped
-    at size - floor, i.e. a group at its floor is skipped) come from one `MacModel` call.
+    at size - floor, i.e. a group at its floor is skipped; with `multiple`, each group's kept
+    count rounded up by `round_keep`) come from one `MacModel` call. Rounding up never lowers
+    a count, and the counts fall along the prefixes, so the first prefix that fits is the
+    least removal.
     """
     mac = MacModel(model, groups, example_inputs)
     cand = torch.cat([torch.stack([s.detach().float().cpu().reshape(-1),
@@ -169,14 +209,17 @@ def _by_macs(model: nn.Module, groups: list[ChannelGroup], scores: dict[int, tor
     cap = torch.tensor([float(groups[i].size - floor[i]) if i in scores else 0.0
                         for i in range(len(groups))], dtype=torch.float64)
     removed = torch.minimum(removed, cap)
+    size = torch.tensor([float(g.size) for g in groups], dtype=torch.float64)
+    removed = size - round_keep(size - removed, size, multiple)
     macs = mac.macs(removed)                                        # (prefix,)
     goal = target * mac.dense
     ok = torch.nonzero(macs <= goal * (1 + 1e-9)).flatten()
     if len(ok) == 0:
         raise ValueError(
             f"MACs budget {target:.3f} cannot be met: with every prunable group at its minimum "
-            f"the model keeps {float(macs[-1]) / mac.dense:.3f} of its MACs. Raise the target, "
-            f"lower min_keep, or let the method prune coupled (residual) groups with "
-            f"residual='coupled'.")
+            f"the model keeps {float(macs[-1]) / mac.dense:.3f} of its MACs"
+            f"{f' (kept counts rounded up to multiples of {multiple})' if multiple else ''}. "
+            f"Raise the target, lower min_keep or multiple, or let the method prune coupled "
+            f"(residual) groups with residual='coupled'.")
     k = int(ok[0])
     return {i: groups[i].size - int(removed[k, i]) for i in scores}

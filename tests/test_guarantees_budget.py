@@ -152,3 +152,44 @@ def test_count_rejects_unbatched_and_empty_inputs_and_batch_one_counts_the_same(
     assert pl.count(mlp, torch.randn(1, 6)) == (6 * 4 + 4 * 2, 6 * 4 + 4 + 4 * 2 + 2)
     with pytest.raises(ValueError, match=r"'0' \(Linear\) received an unbatched 1-D input"):
         pl.count(mlp, torch.randn(6))
+
+
+@pytest.mark.parametrize("value", [True, 8.0, "8", np.float64(8)])
+def test_multiple_that_is_not_an_integer_is_refused_naming_it(value):
+    with pytest.raises(TypeError, match=r"Budget\(multiple=.*\): multiple must be an integer"):
+        Budget(macs=0.5, multiple=value)
+
+
+@pytest.mark.parametrize("value", [0, -8])
+def test_multiple_below_one_is_refused_naming_it(value):
+    with pytest.raises(ValueError, match=rf"Budget\(multiple={value}\): multiple must be an "
+                                         r"integer >= 1"):
+        Budget(percent=0.5, multiple=value)
+
+
+def test_multiple_is_stored_as_int_and_one_changes_nothing():
+    b = Budget(macs=0.5, multiple=np.int64(8))
+    assert type(b.multiple) is int and b.multiple == 8
+    model, groups = two_groups()
+    scores = {g.index: torch.rand(g.size, generator=torch.Generator().manual_seed(1))
+              for g in groups}
+    for kw in ({"percent": 0.37}, {"threshold": 0.3}, {"macs": 0.4}):
+        plain = select_keep(model, groups, scores, Budget(**kw), X)
+        one = select_keep(model, groups, scores, Budget(**kw, multiple=1), X)
+        assert all(torch.equal(plain[i], one[i]) for i in plain)
+
+
+@pytest.mark.parametrize("kw", [{"percent": 0.37}, {"threshold": 0.3}])
+def test_multiple_rounds_kept_counts_up_and_keeps_the_highest_scores(kw):
+    model, groups = two_groups()
+    scores = {g.index: torch.rand(g.size, generator=torch.Generator().manual_seed(1))
+              for g in groups}
+    plain = select_keep(model, groups, scores, Budget(**kw), X)
+    keep = select_keep(model, groups, scores, Budget(**kw, multiple=8), X)
+    for g in groups:
+        n = len(keep[g.index])
+        assert n % 8 == 0 or n == g.size
+        assert len(plain[g.index]) <= n < len(plain[g.index]) + 8
+        assert set(plain[g.index].tolist()) <= set(keep[g.index].tolist())
+        top = torch.argsort(scores[g.index], descending=True)[:n]
+        assert set(top.tolist()) == set(keep[g.index].tolist())

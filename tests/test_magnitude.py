@@ -106,3 +106,23 @@ def test_l1_threshold_budget_is_the_same_rule_as_l1_global():
     t = float(torch.cat(list(per_layer.scores(model).values())).median())
     a, b = per_layer.finish(model, Budget(threshold=t)), glob.finish(model, Budget(threshold=t))
     assert widths(per_layer, a) == widths(glob, b)
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_l1_with_multiple_keeps_multiples_at_one_rate_and_meets_the_macs_target(multiple):
+    m, model = attached("l1")
+    small = m.finish(model, Budget(macs=0.5, multiple=multiple))
+    assert macs_ratio(model, small) <= 0.5
+    for layer, (kept, size) in widths(m, small).items():
+        assert kept % multiple == 0 or kept == size, layer
+        raw = size - math.floor(m.rate * size + 1e-9)                 # the rate's own count
+        assert raw <= kept < raw + multiple, layer
+    # the rate is the smallest that meets the target with rounded counts
+    lower = m.finish(model, Budget(percent=m.rate - 1e-3, multiple=multiple))
+    assert macs_ratio(model, lower) > 0.5
+
+
+def test_l1_with_a_multiple_too_coarse_for_the_target_says_so():
+    m, model = attached("l1")
+    with pytest.raises(ValueError, match="cannot be met.*rounded to multiples"):
+        m.finish(model, Budget(macs=0.5, multiple=16))

@@ -90,3 +90,20 @@ def test_prunelib_threads_env_switch(value, expect):
                            "print(torch.get_num_threads())"], env=env, capture_output=True,
                           text=True)
     assert expect in (proc.stdout + proc.stderr)
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("target", [0.7, 0.5])
+def test_macs_budget_with_multiple_keeps_multiples_and_meets_the_target(multiple, target):
+    model, x, groups, scores = _setup()
+    keep = select_keep(model, groups, scores, Budget(macs=target, multiple=multiple), x)
+    assert all(len(k) % multiple == 0 or len(k) == groups[i].size for i, k in keep.items())
+    small = pl.remove_channels(model, groups, keep)
+    macs0, macs1 = pl.count(model, x)[0], pl.count(small, x)[0]
+    assert target - 0.05 < macs1 / macs0 <= target          # met, and not by far
+
+
+def test_macs_budget_with_a_multiple_too_coarse_to_meet_says_so():
+    model, x, groups, scores = _setup()
+    with pytest.raises(ValueError, match="cannot be met.*multiples of 16"):
+        select_keep(model, groups, scores, Budget(macs=0.5, multiple=16), x)

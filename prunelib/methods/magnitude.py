@@ -16,6 +16,9 @@ earns its name when the removal after its sparse phase loses less than this one-
                                   every group (the MACs of all of them in one `MacModel` call);
               Budget(threshold=t) every filter with L1 <= t, per group (a threshold is not a
                                   rate: the same rule as 'l1_global').
+            With Budget(..., multiple=k) every group keeps ceil((n - floor(r n)) / k) * k
+            channels (at most n), and under macs=m the rate search runs on these rounded
+            counts, so the target is still met (the rounded model may keep less than m).
             Residual 'internal' (the paper prunes only the first layer of each ResNet block).
 'l1_global' one global ranking of the raw filter L1 norms across layers (`select_keep`). The
             norm grows with the fan-in (at He initialization ||W_k||_1 ~ sqrt(fan-in)), so
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..select import Budget, MacModel, min_keep_count
+from ..select import Budget, MacModel, min_keep_count, round_keep
 from ..surgery import remove_channels
 from .base import Context, Method, register
 
@@ -60,35 +63,40 @@ class Magnitude(MagnitudeGlobal):
     the rate the last `finish` used."""
     rate: float | None = None
 
-    def removed_counts(self, rates: torch.Tensor) -> torch.Tensor:
+    def removed_counts(self, rates: torch.Tensor, multiple: int | None = None) -> torch.Tensor:
         """(len(rates), len(all_groups)) channels removed per group at each uniform rate:
-        floor(rate * size) for the prunable groups, capped by the per-group minimum."""
+        floor(rate * size) for the prunable groups, capped by the per-group minimum, then the
+        kept count rounded up to a multiple of `multiple` (or the full size)."""
         out = torch.zeros(len(rates), len(self.all_groups), dtype=torch.float64)
         if self.groups:
             size = torch.tensor([float(g.size) for g in self.groups], dtype=torch.float64)
             cap = size - torch.tensor([float(min_keep_count(g.size, self.min_keep,
                                                             self.min_channels))
                                        for g in self.groups], dtype=torch.float64)
-            n = torch.floor(rates.to(torch.float64)[:, None] * size + 1e-9)
-            out[:, [g.index for g in self.groups]] = torch.minimum(n, cap)
+            n = torch.minimum(torch.floor(rates.to(torch.float64)[:, None] * size + 1e-9), cap)
+            out[:, [g.index for g in self.groups]] = size - round_keep(size - n, size, multiple)
         return out
 
-    def rate_for_macs(self, model: nn.Module, target: float) -> float:
-        """The smallest uniform rate whose pruned model keeps <= `target` of the dense MACs
-        (exact: the MACs only change at the rates k / size of some group)."""
+    def rate_for_macs(self, model: nn.Module, target: float, multiple: int | None = None
+                      ) -> float:
+        """The smallest uniform rate whose pruned model (kept counts rounded by `multiple`)
+        keeps <= `target` of the dense MACs (exact: the MACs only change at the rates
+        k / size of some group)."""
         if self.ctx is None or self.ctx.example_inputs is None:
             raise ValueError(f"{self.owner()}: Budget(macs=...) needs example inputs to count "
                              "MACs: set method.ctx = Context(example_inputs=...)")
         macs = MacModel(model, self.all_groups, self.ctx.example_inputs)
         rates = torch.tensor(sorted({k / g.size for g in self.groups for k in range(g.size + 1)}),
                              dtype=torch.float64)
-        ratio = macs.ratio(self.removed_counts(rates))
+        ratio = macs.ratio(self.removed_counts(rates, multiple))
         ok = torch.nonzero(ratio <= target * (1 + 1e-9)).flatten()
         if len(ok) == 0:
             raise ValueError(f"{self.owner()}: MACs budget {target:g} cannot be met by a "
                              f"uniform per-layer rate: with every prunable group at its "
-                             f"minimum the model keeps {float(ratio[-1]):.3f} of its MACs. Raise "
-                             f"the target, lower min_keep, or use residual='coupled'.")
+                             f"minimum the model keeps {float(ratio[-1]):.3f} of its MACs"
+                             f"{' (counts rounded to multiples)' if multiple else ''}. "
+                             f"Raise the target, lower min_keep or multiple, or use "
+                             f"residual='coupled'.")
         return float(rates[int(ok[0])])
 
     def finish(self, model: nn.Module, budget: Budget | None) -> nn.Module:
@@ -96,8 +104,8 @@ class Magnitude(MagnitudeGlobal):
         if budget is None or budget.threshold is not None:
             return super().finish(model, budget)
         self.rate = (budget.percent if budget.percent is not None
-                     else self.rate_for_macs(model, budget.macs))
-        gone = self.removed_counts(torch.tensor([self.rate]))[0]
+                     else self.rate_for_macs(model, budget.macs, budget.multiple))
+        gone = self.removed_counts(torch.tensor([self.rate]), budget.multiple)[0]
         keep = {i: torch.argsort(s.detach().cpu(), descending=True)[:s.numel() - int(gone[i])]
                 .sort().values for i, s in self.scores(model).items()}
         return remove_channels(model, self.all_groups, keep)

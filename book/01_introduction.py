@@ -850,8 +850,8 @@ assert 1e-5 * disp["quick"][1] < 0.01 * float(gam.median())           # the pape
 # baseline's |γ| were ranked now (the channels the penalty must reach to meet the budget),
 # $Q_{0.9}$ the 0.9-quantile (robust to a few outliers) and the margin 2 (the task gradient
 # pushes back on γ; chapter 4's group norms of conv rows that feed a BN get margin 1, since
-# nothing pushes back along such a row). Why the target: the more the budget removes, the further up the |γ|
-# distribution the removed channels reach. A rule that ignores the target — the book's
+# nothing pushes back along such a row). Why the target: the more the budget removes, the
+# further up the |γ| distribution the removed channels reach. A rule that ignores the target — the book's
 # earlier "reach = the 10% quantile of all prunable |γ|" — is the same for a 20% and a 65%
 # cut, and leaves most of the channels a 50% budget removes outside the penalty's reach.
 # Computed on the baseline, with `strength.target_drift` (no training) and by hand from NS's
@@ -1150,12 +1150,11 @@ assert res_l1c["hparams"]["residual"] == "coupled"
 # replaced by `raise NotImplementedError()`, and `tools/grade.py` grades it (see the preface).
 # Exercises only rely on the setup cell at the top of the chapter.
 #
-# **Exercise 1 — nonnegative soft-thresholding.** SSS and GAL keep their channel scales
-# nonnegative: their proximal step solves
-# $\;\arg\min_{u \ge 0}\; \tfrac12 (u - z)^2 + \theta\,u$. Derive the closed form (write
-# the optimality condition $0 \in u - z + \theta + N_{[0,\infty)}(u)$ with the normal cone of
-# Section 4) and implement it elementwise for a tensor `z` and a threshold `theta >= 0`. The
-# check uses the optimality conditions, not a reference implementation.
+# **Exercise 1 — derivation: nonnegative soft-thresholding.** SSS and GAL keep their channel scales
+# nonnegative: their proximal step solves $\;\arg\min_{u \ge 0}\; \tfrac12 (u - z)^2 + \theta\,u$.
+# Derive the closed form (write the optimality condition $0 \in u - z + \theta + N_{[0,\infty)}(u)$
+# with the normal cone of Section 4) and implement it elementwise for a tensor `z` and a threshold
+# `theta >= 0`. The check uses the optimality conditions, not a reference implementation.
 
 # %%
 def nonneg_soft_threshold(z: torch.Tensor, theta: float) -> torch.Tensor:
@@ -1189,9 +1188,9 @@ assert int((~_pos).sum()) == int((_z <= 0.7).sum())          # exact zeros, all 
 assert torch.equal(nonneg_soft_threshold(_z, 0.0), _z.clamp_min(0))
 
 # %% [markdown]
-# **Exercise 2 — MACs of a convolution by hand.** Return the multiply-accumulates per image of
-# `conv` (an `nn.Conv2d` with integer `padding`) on an `h x w` input; mind stride, dilation and
-# groups. The check compares with `pl.count` (so your answer may not call it).
+# **Exercise 2 — implementation: MACs of a convolution by hand.** Return the multiply-accumulates
+# per image of `conv` (an `nn.Conv2d` with integer `padding`) on an `h x w` input; mind stride,
+# dilation and groups. The check compares with `pl.count` (so your answer may not call it).
 
 # %%
 def conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:
@@ -1227,11 +1226,11 @@ for _cfg in [dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
     assert conv_macs(_c, 31, 32) == pl.count(_c, torch.zeros(1, _c.in_channels, 31, 32))[0], _cfg
 
 # %% [markdown]
-# **Exercise 3 — which group owns a layer's output channels?** Given the groups of a model and
-# the name of a conv or linear layer, return the index of the first group (lowest index) that
-# holds some of its output channels (a `conv2` of stage 3 writes channels of all three trunk
-# groups), or `None` if they are in no group (frozen). The check removes one channel of the
-# group you return and verifies that the layer's output shrinks.
+# **Exercise 3 — implementation: which group owns a layer's output channels?** Given the groups of a
+# model and the name of a conv or linear layer, return the index of the first group (lowest index)
+# that holds some of its output channels (a `conv2` of stage 3 writes channels of all three trunk
+# groups), or `None` if they are in no group (frozen). The check removes one channel of the group
+# you return and verifies that the layer's output shrinks.
 
 # %%
 def group_of(groups: list, layer: str) -> int | None:

@@ -937,8 +937,8 @@ assert _db.shape == _dg.shape == (5,)
 assert torch.allclose(_db, _fd_b, atol=1e-7) and torch.allclose(_dg, _fd_g, atol=1e-7)
 
 # %% [markdown]
-# **Exercise 2 — SCP's off-probability.** Return $P(\mathrm{relu}(\gamma\hat x + \beta) \le
-# \chi)$ for $\hat x \sim \mathcal N(0, 1)$, per channel, for tensors `gamma`, `beta` and a
+# **Exercise 2 — derivation: SCP's off-probability.** Return $P(\mathrm{relu}(\gamma\hat x + \beta)
+# \le \chi)$ for $\hat x \sim \mathcal N(0, 1)$, per channel, for tensors `gamma`, `beta` and a
 # float `chi >= 0`. The check compares with a Monte-Carlo estimate.
 
 # %%
@@ -990,11 +990,11 @@ for _bias in (None, torch.randn(6, generator=_gen, dtype=torch.float64)):
     torch.testing.assert_close(F.conv2d(_xin[:, _keep], _ws, _bs), F.conv2d(_xin, _w, _bias))
 
 # %% [markdown]
-# **Exercise 4 — melt a gate.** A gated BatchNorm computes $\varphi\odot\mathrm{BN}(x)$ with a
-# per-channel gate `phi` and a 0/1 `mask` (the gate is $\varphi\cdot M$). Write
-# `melt(bn, phi, mask)` that returns a plain `nn.BatchNorm2d` (eval mode) computing the same
-# function, as GBN does before removing channels; `bn` itself must not change. The check
-# compares outputs.
+# **Exercise 4 — implementation: melt a gate.** A gated BatchNorm computes
+# $\varphi\odot\mathrm{BN}(x)$ with a per-channel gate `phi` and a 0/1 `mask` (the gate is
+# $\varphi\cdot M$). Write `melt(bn, phi, mask)` that returns a plain `nn.BatchNorm2d` (eval mode)
+# computing the same function, as GBN does before removing channels; `bn` itself must not change.
+# The check compares outputs.
 
 # %%
 def melt(bn: nn.BatchNorm2d, phi: torch.Tensor, mask: torch.Tensor) -> nn.BatchNorm2d:

@@ -582,8 +582,8 @@ assert float(cos_slices.median()) > 1e-3                       # ... not for the
 # ### The strength: one rule for every method
 #
 # The papers tune their strengths for hundreds of epochs; at the quick scale the sparse phase
-# is 158 steps. Every method is constructed with its defaults (the papers' values where known), and the
-# library's **target-drift rule** (`prunelib.strength`, applied by `run`) sets the strength:
+# is 158 steps. Every method is constructed with its defaults (the papers' values where known),
+# and the library's **target-drift rule** (`prunelib.strength`, applied by `run`) sets the strength:
 # rank the channels by the method's magnitude at the start, take the channels the budget would
 # remove, $D$ = the 0.9-quantile of their magnitudes, and choose λ so that a constant push of
 # λ per unit learning rate, *carried by the training optimizer's momentum* μ = 0.9, moves a
@@ -1089,7 +1089,7 @@ for label in ("OTO", "SSL 2D"):
 # points; `python tools/make_student.py` writes the student version. Exercises only rely on the
 # setup cell.
 #
-# **Exercise 1 — SSL's filter-group subgradient.** For a conv weight `w` of shape
+# **Exercise 1 — implementation: SSL's filter-group subgradient.** For a conv weight `w` of shape
 # (out, in, kh, kw), return $\lambda\, W_j / \|W_j\|$ for every filter $j$ (0 for a zero
 # filter). The check compares with autograd of $\lambda\sum_j\|W_j\|$ (so your answer may not
 # use autograd).
@@ -1130,10 +1130,10 @@ assert torch.allclose(_g.flatten(1).norm(dim=1)[_nz], torch.full((5,), 0.3,
                                                                 dtype=torch.float64))
 
 # %% [markdown]
-# **Exercise 2 — the half-space projection.** Given the current groups `x` and the trial point
-# `x_hat` (both (groups, d)), return the projected trial point: groups with
-# $\langle \hat x_g, x_g\rangle < \epsilon\|x_g\|^2$ and groups that are zero in `x` become 0,
-# the others keep $\hat x_g$. The check is written from the definition.
+# **Exercise 2 — implementation: the half-space projection.** Given the current groups `x` and the
+# trial point `x_hat` (both (groups, d)), return the projected trial point: groups with $\langle
+# \hat x_g, x_g\rangle < \epsilon\|x_g\|^2$ and groups that are zero in `x` become 0, the others
+# keep $\hat x_g$. The check is written from the definition.
 
 # %%
 def half_space_project(x: torch.Tensor, x_hat: torch.Tensor, eps: float) -> torch.Tensor:
@@ -1164,10 +1164,10 @@ for _eps in (0.0, 0.5):
 assert 0 < _n_proj[0.0] < _n_proj[0.5] < 45                  # real projections, more with eps
 
 # %% [markdown]
-# **Exercise 3 — a zero-invariant group by hand.** In the conv → BN → ReLU → conv network
-# below, zero *everything that produces* channel `k` (the exercise: which tensors are they?).
-# The check verifies that channel `k` then carries exactly zero for any input, in training and
-# in evaluation mode, and that removing it with `prunelib` leaves the output unchanged.
+# **Exercise 3 — implementation: a zero-invariant group by hand.** In the conv → BN → ReLU → conv
+# network below, zero *everything that produces* channel `k` (the exercise: which tensors are
+# they?). The check verifies that channel `k` then carries exactly zero for any input, in training
+# and in evaluation mode, and that removing it with `prunelib` leaves the output unchanged.
 
 # %%
 def zero_zig_(seq: nn.Sequential, k: int) -> None:

@@ -107,10 +107,18 @@ class ResRep(Method):
                 self.P[i, :n, :n] = torch.eye(n, device=dev, dtype=dtype)
                 self.M[i, :n] = 1.0
         self._handles = [("", follow_model(model, self._moved))]
+        # P is split once per forward (one backward op stacks the K gradients), then each hook
+        # slices its own (D, D) matrix: slicing P itself would give every compactor's backward
+        # a zero-filled (K, D, D) gradient of its own
+        state: dict[str, tuple[torch.Tensor, ...]] = {}
+
+        def split(_m: nn.Module, _a: tuple) -> None:
+            state["q"] = self.P.unbind(0)                                   # K x (D, D)
+        self._handles.append(("", model.register_forward_pre_hook(split).id))
         for i, (g, _, bn) in enumerate(self.comp):
             def compact(_m: nn.Module, _a: tuple, out: torch.Tensor, i: int = i,
                         n: int = g.size) -> torch.Tensor:
-                return F.conv2d(out, self.P[i, :n, :n, None, None])    # (N, D, H, W) -> same
+                return F.conv2d(out, state["q"][i][:n, :n, None, None])  # (N, D, H, W) -> same
             h = model.get_submodule(bn).register_forward_hook(compact)
             self._handles.append((bn, h.id))
         ex = self.ctx.example_inputs if self.ctx is not None else None

@@ -11,9 +11,13 @@ no tensor, or an unbatched sample (a 3-D image for a 2-D convolution) is a Value
 
 Latency = median wall time of `reps` timed forward passes after `warmup` untimed ones, in eval
 mode under `torch.inference_mode`, with `torch.cuda.synchronize` around each pass on CUDA.
+`profile_layers` splits a dense and a pruned model's time by layer and by op
+(`torch.profiler`), to see where a pruned model's time goes.
 """
 from __future__ import annotations
 
+import math
+import re
 import statistics
 import time
 from typing import Any
@@ -122,13 +126,19 @@ def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
 
 def latency(model: nn.Module, example_inputs: Any, reps: int = 30, warmup: int = 5,
             device: str | torch.device | None = None, channels_last: bool = True) -> float:
-    """Median milliseconds of one forward pass on `example_inputs` (eval, inference mode)."""
+    """Median milliseconds of one forward pass on `example_inputs` (eval, inference mode), of
+    `model` as given (channels_last with `channels_last`). prunelib's recommended inference
+    path times `export.for_inference(model, x)` instead (what `pipeline.latency_table` does)."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(device).eval()
+    first = next(iter(model.parameters()), None)          # a frozen TorchScript module has none
+    device = torch.device(device) if device is not None else (
+        first.device if first is not None else inputs[0].device)
+    scripted = isinstance(model, torch.jit.ScriptModule)      # already placed and frozen
+    model = model.eval() if scripted else model.to(device).eval()
     inputs = tuple(x.to(device) for x in inputs)
     if channels_last and inputs[0].dim() == 4:
-        model = model.to(memory_format=torch.channels_last)
+        if not scripted:
+            model = model.to(memory_format=torch.channels_last)
         inputs = (inputs[0].contiguous(memory_format=torch.channels_last),) + inputs[1:]
     cuda = device.type == "cuda"
     times = []
@@ -143,3 +153,125 @@ def latency(model: nn.Module, example_inputs: Any, reps: int = 30, warmup: int =
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return 1000.0 * statistics.median(times)
+
+
+def _collapse(name: str) -> str:
+    """'layer1.3.conv1' -> 'layer1.*.conv1': the same layer of every block of a stage."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
+def module_times(model: nn.Module, example_inputs: Any, reps: int = 5, warmup: int = 2,
+                 channels_last: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-forward milliseconds measured with `torch.profiler` (eval, inference mode).
+
+    Returns (layers, ops). layers: for every leaf module its total time, for every other module
+    the time of its own ops (the functional adds, ReLUs, slices of its forward, i.e. its total
+    minus its submodules'), keyed by module name ('(model)' for the root). ops: self time per
+    aten op ('aten::add', ...). Averages over `reps` profiled passes after `warmup`.
+    """
+    inputs = example_tuple(example_inputs, "module_times")
+    model = model.eval()
+    if channels_last and inputs[0].dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = (inputs[0].contiguous(memory_format=torch.channels_last),) + inputs[1:]
+    names = {mod: name or "(model)" for name, mod in model.named_modules()}  # first name
+    open_: dict[str, list] = {}
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        rf = torch.profiler.record_function("mod::" + names[mod])
+        rf.__enter__()
+        open_.setdefault(names[mod], []).append(rf)
+
+    def post(mod: nn.Module, args: tuple, out: Any) -> None:
+        open_[names[mod]].pop().__exit__(None, None, None)
+
+    hooks = [h for mod in names for h in (mod.register_forward_pre_hook(pre),
+                                          mod.register_forward_hook(post))]
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(*inputs)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+                for _ in range(reps):
+                    model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    total: dict[str, float] = {}
+    for e in p.events():
+        if e.name.startswith("mod::"):
+            total[e.name[5:]] = total.get(e.name[5:], 0.0) + e.cpu_time_total / 1000 / reps
+    layers = dict(total)             # own time: minus the nearest timed submodules' totals
+    for name, t in total.items():
+        if name != "(model)":
+            parent = name
+            while parent:
+                parent = parent.rpartition(".")[0]
+                if (parent or "(model)") in total:
+                    layers[parent or "(model)"] -= t
+                    break
+    ops = {a.key: a.self_cpu_time_total / 1000 / reps for a in p.key_averages()
+           if not a.key.startswith("mod::")}
+    return {k: v for k, v in layers.items() if v > 0}, ops
+
+
+def profile_layers(dense: nn.Module, pruned: nn.Module, example_inputs: Any, reps: int = 5,
+                   rounds: int = 3, collapse: bool = True) -> tuple[list[dict], list[dict]]:
+    """Where a pruned model's time goes: per-layer and per-op milliseconds of `dense` and
+    `pruned` from `module_times`, side by side.
+
+    The two models are profiled alternately for `rounds` rounds (load on a shared machine hits
+    both alike); each entry is the median over the rounds. Returns (layers, ops). layers: one
+    row per module name (with `collapse`, the same layer of every block of a stage together:
+    'layer1.*.conv1'; 'name (own)' is a module's own functional ops), {'layer', 'dense_ms',
+    'pruned_ms', 'speedup' (dense / pruned), 'macs_ratio' (dense / pruned conv + linear MACs of
+    those layers, nan where none)}. ops: the same per aten op. Rows sorted by dense time,
+    largest first; the models are matched by module name (as `remove_channels` and
+    `export.for_inference` keep them).
+    """
+    key = _collapse if collapse else (lambda n: n)
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {"layer": {}, "op": {}}
+    macs: dict[str, dict[str, int]] = {}
+    for tag, model in (("dense", dense), ("pruned", pruned)):
+        per = macs.setdefault(tag, {})
+        for name, v in layer_macs(model, example_inputs).items():
+            per[key(name)] = per.get(key(name), 0) + v[0]
+    for _ in range(rounds):
+        for tag, model in (("dense", dense), ("pruned", pruned)):
+            layers, ops = module_times(model, example_inputs, reps=reps)
+            sums: dict[str, float] = {}
+            for name, ms in layers.items():
+                own = any(True for _ in model.get_submodule(
+                    "" if name == "(model)" else name).children())
+                k = key(name) + (" (own)" if own else "")
+                sums[k] = sums.get(k, 0.0) + ms
+            runs["layer"].setdefault(tag, []).append(sums)
+            runs["op"].setdefault(tag, []).append(ops)
+
+    def table(label: str) -> list[dict]:
+        keys = {k for tag in runs[label].values() for r in tag for k in r}
+        out = []
+        for k in keys:
+            d, p = (statistics.median(r.get(k, 0.0) for r in runs[label][t])
+                    for t in ("dense", "pruned"))
+            dm, pm = macs["dense"].get(k, 0), macs["pruned"].get(k, 0)
+            out.append({label: k, "dense_ms": d, "pruned_ms": p,
+                        "speedup": d / p if p > 0 else math.nan,
+                        "macs_ratio": dm / pm if pm > 0 else math.nan})
+        return sorted(out, key=lambda r: -r["dense_ms"])
+    return table("layer"), table("op")
+
+
+def profile_table(rows: list[dict], top: int | None = None) -> list[str]:
+    """Lines of a `profile_layers` table (layer or op, dense ms, pruned ms, speedup, MACs
+    ratio), the `top` largest rows and a total of all rows."""
+    label = "layer" if rows and "layer" in rows[0] else "op"
+    shown = rows[:top] if top else rows
+    lines = [f"{label:34s} {'dense ms':>9s} {'pruned ms':>9s} {'speedup':>8s} {'MACs ratio':>10s}"]
+    for r in shown:
+        lines.append(f"{r[label][:34]:34s} {r['dense_ms']:9.2f} {r['pruned_ms']:9.2f} "
+                     f"{r['speedup']:8.2f} {r['macs_ratio']:10.2f}")
+    d, p = sum(r["dense_ms"] for r in rows), sum(r["pruned_ms"] for r in rows)
+    lines.append(f"{'total (' + str(len(rows)) + ' rows)':34s} {d:9.2f} {p:9.2f} "
+                 f"{d / p if p else math.nan:8.2f}")
+    return lines

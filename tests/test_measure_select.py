@@ -1,4 +1,5 @@
 """MAC counting against torch's FlopCounterMode; budgets against brute-force counts."""
+import math
 import os
 import subprocess
 import sys
@@ -107,3 +108,27 @@ def test_macs_budget_with_a_multiple_too_coarse_to_meet_says_so():
     model, x, groups, scores = _setup()
     with pytest.raises(ValueError, match="cannot be met.*multiples of 16"):
         select_keep(model, groups, scores, Budget(macs=0.5, multiple=16), x)
+
+
+def test_profile_layers_splits_time_by_layer_and_op_and_matches_the_macs():
+    from prunelib import methods
+    from prunelib.measure import profile_layers, profile_table
+    from prunelib.methods.base import Context
+    torch.manual_seed(0)
+    model = get_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    m = methods.get("l1")
+    m.ctx = Context(example_inputs=x)
+    m.attach(model, pl.channel_groups(model, x))
+    small = m.finish(model, Budget(percent=0.5)).eval()
+    layers, ops = profile_layers(model, small, torch.randn(2, 3, 32, 32), reps=1, rounds=1)
+    rows = {r["layer"]: r for r in layers}
+    assert {"layer1.*.conv1", "layer3.*.bn2", "layer2.* (own)", "fc"} <= set(rows)
+    assert rows["layer1.*.conv1"]["macs_ratio"] == 2.0 and rows["fc"]["macs_ratio"] == 1.0
+    assert math.isnan(rows["layer2.* (own)"]["macs_ratio"])       # adds and ReLUs: no MACs
+    assert all(r["dense_ms"] >= 0 and r["pruned_ms"] >= 0 for r in layers)
+    assert [r["dense_ms"] for r in layers] == sorted((r["dense_ms"] for r in layers),
+                                                     reverse=True)
+    assert any(r["op"] == "aten::mkldnn_convolution" or "conv" in r["op"] for r in ops)
+    lines = profile_table(layers, top=5)
+    assert len(lines) == 7 and lines[-1].startswith("total (")

@@ -28,7 +28,7 @@ gets a weak 15-epoch one on that subset, said in the log); 'full' is the papers'
 (full training set and test set, 160 epochs of sparse training and 160 of fine-tuning, lr 0.1 with
 steps at 50% / 75%, as NS's official code); 'bench' is the comparison's (`prunelib sweep`):
 the full training and test sets, 3 + 3 epochs at lr 0.01 from the committed baseline, about
-7-10 min per ResNet-20 run on a 2-core CPU (see its entry). At every scale but 'full', a method
+17 min of CPU per ResNet-20 run in one thread (see its entry). At every scale but 'full', a method
 whose strength is still the paper's default gets it from the target-drift rule
 (`prunelib.strength`).
 """
@@ -89,11 +89,13 @@ SCALES: dict[str, Scale] = {
     # 50k training images (49k trained on, 1k held out for EagleEye's / GBN's scoring), all 10k
     # test images, 3 epochs of sparse training and 3 of fine-tuning at lr 0.01, cosine, from the
     # committed 91.2% ResNet-20 (book/baselines): the issue's reference schedule (5 + 5) shortened.
-    # Cost of one ResNet-20 run: 6 epochs of 383 steps plus 4 evaluations of 10k images and the
-    # latency table; one epoch is 55-80 s on this 2-core CPU with 2 idle threads (150 s of CPU in
-    # one thread, measured: 0.39 s per step of 128 images), so about 7-10 min per run (up to
-    # ~1.5x for methods that also run a teacher or a search: BAR, GAL, EagleEye, SCOP), and
-    # 15-17 min per run with PRUNELIB_THREADS=1.
+    # Cost of one ResNet-20 run, measured in CPU seconds with PRUNELIB_THREADS=1 on the shared
+    # 2-core CPU: a training step of 128 images 0.40 s, a forward-only batch 0.13 s, so 3 + 3
+    # epochs of 383 steps ~16 min, plus ~1 min for four 10k-image evaluations, BN recalibration
+    # and latency: ~17 min of CPU per run. A sparse-phase step costs 1.0-1.15x a plain one for
+    # most methods, 1.33x for BAR and GAL (teacher), 1.8x for SCOP (knockoffs); l1 has no sparse
+    # phase (~8 min); EagleEye's search (100 candidates x 100 adaptive-BN batches) ~22 min (~30
+    # min per run). With 2 idle threads an epoch is 55-80 s (book/baselines), ~0.4-0.5x these.
     "bench": Scale("bench", subset=None, holdout=1_000, batch_size=128, reg_epochs=3,
                    reg_lr=0.01, ft_epochs=3, ft_lr=0.01, schedule="cosine", weight_decay=5e-4,
                    baseline_epochs=40, baseline_lr=0.1, test_subset=None),

@@ -20,7 +20,7 @@ import math
 import re
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -125,10 +125,13 @@ def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
 
 
 def latency(model: nn.Module, example_inputs: Any, reps: int = 30, warmup: int = 5,
-            device: str | torch.device | None = None, channels_last: bool = True) -> float:
+            device: str | torch.device | None = None, channels_last: bool = True,
+            clock: Callable[[], float] = time.perf_counter) -> float:
     """Median milliseconds of one forward pass on `example_inputs` (eval, inference mode), of
     `model` as given (channels_last with `channels_last`). prunelib's recommended inference
-    path times `export.for_inference(model, x)` instead (what `pipeline.latency_table` does)."""
+    path times `export.for_inference(model, x)` instead (what `pipeline.latency_table` does).
+    `clock`: wall time by default; `time.process_time` counts only this process's CPU time (on
+    a shared CPU with one thread, what other jobs take from the core does not count)."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     first = next(iter(model.parameters()), None)          # a frozen TorchScript module has none
     device = torch.device(device) if device is not None else (
@@ -146,12 +149,12 @@ def latency(model: nn.Module, example_inputs: Any, reps: int = 30, warmup: int =
         for i in range(warmup + reps):
             if cuda:
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             model(*inputs)
             if cuda:
                 torch.cuda.synchronize(device)
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
     return 1000.0 * statistics.median(times)
 
 

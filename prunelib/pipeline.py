@@ -45,6 +45,7 @@ from torch import nn
 
 from . import methods as _methods
 from .graph import channel_groups
+from .export import for_inference
 from .measure import count, latency
 from .methods.base import Context, Method
 from .select import Budget
@@ -306,8 +307,11 @@ def widths(model: nn.Module) -> dict[str, int]:
 
 def latency_table(dense: nn.Module, pruned: nn.Module, device: str | torch.device,
                   batches: tuple[int, ...] = (1, 64), reps: int = 20) -> dict:
-    """Median forward ms of both models at each batch size on `device`."""
-    out: dict[str, Any] = {"device": str(device)}
+    """Median forward ms of both models at each batch size on `device`, each run by prunelib's
+    recommended inference path (`export.for_inference`: BN folded, in place, channels_last)."""
+    out: dict[str, Any] = {"device": str(device), "path": "export.for_inference"}
+    x1 = torch.randn(1, 3, 32, 32, device=device)
+    dense, pruned = (for_inference(m, x1, strict=False) for m in (dense, pruned))
     for b in batches:
         xb = torch.randn(b, 3, 32, 32, device=device)
         d, p = latency(dense, xb, reps=reps), latency(pruned, xb, reps=reps)

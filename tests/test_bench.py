@@ -54,3 +54,28 @@ def test_the_papers_forward_computes_what_the_hooked_model_computes():
         got = ref.train()(make_input(x) if make_input else x)[:4]
         torch.testing.assert_close(hooked.train()(x), got, rtol=1e-5, atol=1e-5)
     assert reference(methods.get("ns"), base) is None
+
+
+def test_latency_bench_times_every_variant_against_dense_in_the_same_rounds():
+    from prunelib.bench import VARIANTS, bench_latency, latency_rows
+    rows = bench_latency(torch.device("cpu"), reps=1, rounds=3, models=("resnet20",),
+                         batches=(1, 2))
+    assert [(r["batch"], r["variant"]) for r in rows] == \
+        [(b, v) for b in (1, 2) for v in VARIANTS]
+    by = {(r["batch"], r["variant"]): r for r in rows}
+    for r in rows:
+        assert r["ms"] > 0 and r["rounds"] == 3
+        for k in ("vs_dense", "same_path"):
+            v = r[k]
+            assert v["min"] <= v["q1"] <= v["median"] <= v["q3"] <= v["max"]
+    for b in (1, 2):                      # each baseline against itself, round by round
+        assert by[b, "dense"]["vs_dense"]["min"] == by[b, "dense"]["vs_dense"]["max"] == 1.0
+        assert by[b, "dense export"]["same_path"]["median"] == 1.0
+        assert by[b, "pruned"]["same_path"] == by[b, "pruned"]["vs_dense"]
+        assert by[b, "dense"]["macs_ratio"] == 1.0
+        assert by[b, "pruned export"]["macs_ratio"] == by[b, "pruned"]["macs_ratio"] >= 2.0
+        assert by[b, "rounded"]["macs_ratio"] >= 2.0                  # target still met
+    lines = latency_rows(rows)
+    assert "load" in lines[0] and len(lines) == 2 + len(rows)
+    marked = [ln for ln in lines if ">= " in ln]
+    assert len(marked) == 1 and " 2 pruned export" in marked[0]

@@ -91,6 +91,9 @@ np.random.seed(SEED)
 T_START = time.time()
 
 CHECK_BATCH = 32            # images of the one real batch the from-scratch checks use
+# ResRep's steps between mask updates: the official 200 (of a 480-epoch run) scaled to the
+# phase, as prunelib scales GAL's FISTA interval; 200 would be more than the quick phase's steps
+RESREP_INTERVAL = 1 if QUICK else 200
 print(f"scale={SCALE}  device={DEVICE}  torch={torch.__version__}  prunelib={pl.__version__}")
 
 # %% [markdown]
@@ -665,3 +668,365 @@ s_half = sigmoid_progress(0.5, bar.sigmoid_slope)
 assert math.isclose(bar.b, (1 - s_half) * (1 + bar.tolerance) + s_half * bar.target)
 print(f"after half the annealing the upper bound is b = {bar.b:.3f} (target {bar.target})")
 del m_bar
+
+# %% [markdown]
+# ## 9. All seven (and the magnitude baseline) through the protocol
+#
+# Every method runs `prunelib.pipeline.run` with the scale's budget (≤ 50% of the dense MACs)
+# and schedule: sparse phase → removal → BN recalibration (20 training batches, no gradient
+# step) → fine-tuning. Every method is passed by name, with its defaults (the papers' values
+# where they exist); `run`'s default `strength='auto'` applies the library's strength rule
+# where one exists for the method (the *strength* column of the table says what was used:
+# "own plan" means the method kept its own values). The baseline is `l1`, Li et al.'s
+# per-layer magnitude rule (every inner layer loses the same fraction of its lowest-L1
+# filters; no sparse phase). The removal follows each method's decision under the common
+# budget: the factors at exactly 0 go first, then the lowest-ranked ones until the target
+# holds (SSS and GAL: whole blocks, lowest factor first; SCOP: a uniform rate). At the end of
+# each sparse phase a callback (`on_sparse`) records the method's factors.
+#
+# **Strength.** Two of the seven have an L1 strength the papers tuned for 100 epochs: SSS's
+# ρ (`gamma`) and GAL's ρ (`lam`). For them `prunelib.strength` uses the book's target-drift
+# rule (chapter 2) in a simple form: every scale or mask starts at the same value, 1, so the
+# drift the penalty must be able to cause is $D = 1$ whatever the budget, and ρ is set so that
+# the penalty alone, through the method's *own* update (SSS's APG with its momentum, GAL's
+# FISTA steps, whose $g$ carries $\rho\,\mathrm{sign}(m)$ on top of the threshold), would move
+# a factor by margin × D = 2 over the phase. DMC, GDP and BAR have no such rule: their
+# pressure *is* the budget (a FLOPs term or a barrier that vanishes once the budget holds);
+# ResRep's masks are set by the budget too, and its lasso only empties the masked rows (the
+# paper's ρ is kept); SCOP has no penalty at all. ResRep's mask interval is scaled to the
+# phase (`RESREP_INTERVAL` in the setup cell): with the official 200 steps, the quick phase
+# (158 steps) would see a single update of 4 rows.
+
+# %%
+RUNS = {"l1": "l1", "SSS": "sss", "GAL": "gal", "DMC": "dmc", "GDP": "gdp",
+        "ResRep": pl.methods.get("resrep", mask_interval=RESREP_INTERVAL),
+        "SCOP": "scop", "BAR": "bar"}
+
+
+def factors(m) -> torch.Tensor:
+    """The method's factors at the end of its sparse phase (ResRep: the row norms of Q)."""
+    if m.name in ("sss", "scop"):
+        return m.lam.detach().float().cpu()
+    if m.name == "gal":
+        return m.m.detach().float().cpu()
+    if m.name in ("dmc", "gdp", "bar"):
+        return m.gates().float().cpu()
+    if m.name == "resrep":
+        return torch.cat(m.row_norms()).float().cpu()
+    return torch.zeros(0)
+
+
+def sparse_probe(store: dict):
+    """on_sparse callback: the method and its factors, before removal; for block factors also
+    the mean |gamma| of the BN each factor multiplies (the branch's last BN)."""
+    def probe(model: nn.Module, m) -> None:
+        store["method"], store["f"] = m, factors(m)
+        if m.name in ("sss", "gal"):
+            store["gamma"] = torch.stack([model.get_submodule(end).weight.detach().abs().mean()
+                                          for end in m.st.names]).cpu()
+    return probe
+
+
+results, probes = {}, {}
+for label, meth in RUNS.items():
+    t0 = time.time()
+    probes[label] = {}
+    _, results[label] = run(meth, base, data, scale=SCALE, device=DEVICE,
+                            dense_accuracy=base_acc, on_sparse=sparse_probe(probes[label]))
+    a = results[label]["accuracy"]
+    print(f"{label:7s} {time.time() - t0:4.0f} s  sparse {a['regularized']:5.2f}  removed "
+          f"{a['removed']:5.2f}  recal. {a['recalibrated']:5.2f}  tuned {a['finetuned']:5.2f}  "
+          f"MACs {results[label]['pruned']['macs_ratio']:.3f}", flush=True)
+
+# %% [markdown]
+# ### The table
+#
+# Every phase of every run (`prunelib.results.table`): accuracy on the test subset, MACs and
+# parameters kept, latency on this machine (median ms at batch 1 and 64), and the strength.
+
+# %%
+print(table(results))
+phase_figure(results, title="ResNet-20, 50% MACs: accuracy at every phase")
+plt.show()
+width_figure(results)
+plt.show()
+for k, r in results.items():
+    assert r["pruned"]["macs_ratio"] <= SC.target_macs + 1e-9, k        # the budget is met
+    assert r["pruned"]["params"] < r["dense"]["params"], k
+    assert r["accuracy"]["dense"] == base_acc and r["test_images"] == N_TEST, k
+    assert r["accuracy"]["finetuned"] > 20.0, k                         # training worked
+assert results["l1"]["accuracy"]["regularized"] == base_acc            # l1: no sparse phase
+
+# %% [markdown]
+# ### Whole blocks: what SSS and GAL removed
+#
+# SSS and GAL carry one factor per residual branch, so their removal takes out whole blocks
+# (the block's output becomes its shortcut) and leaves every other layer at its full width:
+
+# %%
+ends = probes["SSS"]["method"].st.names                       # the branches' last BNs
+gamma0 = torch.stack([base.get_submodule(e).weight.detach().abs().mean() for e in ends]).cpu()
+for label in ("SSS", "GAL"):
+    r, f, gam = results[label], probes[label]["f"], probes[label]["gamma"]
+    gone = sorted({n.rsplit(".", 1)[0] for n in r["dense_widths"] if n not in r["widths"]})
+    ratio = gam / gamma0
+    print(f"{label}: blocks removed {gone}, MACs {r['pruned']['macs_ratio']:.3f}\n"
+          f"  factor f_b at the end of the sparse phase   {[round(float(v), 3) for v in f]} "
+          f"(exactly 0: {int((f == 0).sum())})\n"
+          f"  mean |gamma| of the branch's last BN / dense {[round(float(v), 2) for v in ratio]}"
+          f"\n  f_b x that ratio (the branch's scale)       "
+          f"{[round(float(v), 2) for v in f * ratio]}")
+    assert len(f) == len(ends) == 9 and gone and all(g.startswith("layer") for g in gone)
+    assert all(r["widths"][n] == r["dense_widths"][n] for n in r["widths"])   # no channel cut
+
+# %% [markdown]
+# ## 10. Reading the results: where a method loses to `l1`, and why
+#
+# The gap between *sparse* and *removed* is what a regularizer is for: a factor that reached
+# exactly 0 removes exactly, one the budget had to cut while it was still open does not. Per
+# method: how many factors were exactly 0 at the end of the sparse phase, how many conv output
+# channels the removal took, each phase against `l1`'s, and the final difference with the
+# standard error of a difference of two accuracies on the same number of test images:
+
+# %%
+a_l1 = results["l1"]["accuracy"]
+
+
+def channels_removed(r: dict) -> int:
+    return sum(w - r["widths"].get(n, 0) for n, w in r["dense_widths"].items())
+
+
+print(f"{'':7s} {'factors':>7s} {'=0':>4s} {'removed ch.':>11s} | {'sparse':>6s} {'removed':>7s} "
+      f"{'recal.':>6s} {'tuned':>6s} | tuned - l1's")
+for label, r in results.items():
+    a, f = r["accuracy"], probes[label].get("f", torch.zeros(0))
+    se_diff = math.hypot(standard_error(a["finetuned"], N_TEST),
+                         standard_error(a_l1["finetuned"], N_TEST))
+    print(f"{label:7s} {len(f):7d} {int((f == 0).sum()):4d} {channels_removed(r):11d} | "
+          f"{a['regularized']:6.2f} {a['removed']:7.2f} {a['recalibrated']:6.2f} "
+          f"{a['finetuned']:6.2f} | " + ("" if label == "l1" else
+          f"{a['finetuned'] - a_l1['finetuned']:+5.2f} (+-{se_diff:.2f})"))
+assert results["SCOP"]["accuracy"]["regularized"] == base_acc     # weights frozen, BN restored
+assert results["SCOP"]["widths"] == results["l1"]["widths"]       # the same uniform rate
+gdp_run = probes["GDP"]["method"]
+if gdp_run.gate_macs <= SC.target_macs:      # its zero gates met the budget: exact removal
+    assert abs(results["GDP"]["accuracy"]["removed"]
+               - results["GDP"]["accuracy"]["regularized"]) <= 0.1
+
+# %% [markdown]
+# READING_TBD
+#
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise is a code cell with a solution between `### BEGIN SOLUTION` and
+# `### END SOLUTION`, followed by a check cell; `python tools/make_student.py` writes the
+# student version. Exercises only rely on the setup cell.
+#
+# **Exercise 1 — derivation: where GDP's gate is steepest.** For
+# $g_\epsilon(\theta) = \theta^2/(\theta^2 + \epsilon)$, derive $dg_\epsilon/d\theta$ in closed
+# form, the $\theta^\star > 0$ where it is largest, and its value there. Return the derivative
+# at the points `theta`, then $\theta^\star$ and the maximum slope (floats). (The result says
+# how fast a gate near $\sqrt\epsilon$ falls, and why a gate at $\theta = 1$ hardly moves once
+# ε is small.) The check compares with autograd and with a fine grid.
+
+# %%
+def gdp_slope(theta: torch.Tensor, eps: float) -> tuple[torch.Tensor, float, float]:
+    """(d g_eps / d theta at theta, theta* > 0 of the largest slope, the largest slope)."""
+    ### BEGIN SOLUTION
+    slope = 2 * theta * eps / (theta ** 2 + eps) ** 2
+    t_star = math.sqrt(eps / 3)
+    return slope, t_star, 9 / (8 * math.sqrt(3 * eps))
+    ### END SOLUTION
+
+
+# %%
+# check: ch3.gdp-slope (3 points)
+for _eps in (1e-2, 1e-4):
+    _th = torch.linspace(-1, 1, 2001, dtype=torch.float64).requires_grad_(True)
+    (_th ** 2 / (_th ** 2 + _eps)).sum().backward()
+    _d, _t, _mx = gdp_slope(_th.detach(), _eps)
+    assert torch.allclose(_d, _th.grad, atol=1e-9 / _eps)
+    _grid = torch.linspace(1e-4, 1, 200_001, dtype=torch.float64)
+    _s = 2 * _grid * _eps / (_grid ** 2 + _eps) ** 2
+    assert abs(_t - float(_grid[_s.argmax()])) < 1e-4
+    assert math.isclose(_mx, float(_s.max()), rel_tol=1e-6)
+
+# %% [markdown]
+# **Exercise 2 — implementation: merge a ResRep compactor.** A conv (weight `k` of shape
+# (C, C_in, kh, kw), no bias) is followed by a BatchNorm in evaluation mode (`gamma`, `beta`,
+# `mean`, `var`, `eps`) and a compactor `q` (C × C, a 1×1 conv without bias). Return the
+# weight (C, C_in, kh, kw) and bias (C,) of the *one* conv that computes the same function.
+# The check compares outputs.
+
+# %%
+def merge_compactor(k, gamma, beta, mean, var, eps, q):
+    ### BEGIN SOLUTION
+    a = gamma / torch.sqrt(var + eps)
+    qa = q * a[None, :]
+    w = (qa @ k.flatten(1)).view_as(k)
+    return w, q @ (beta - a * mean)
+    ### END SOLUTION
+
+
+# %%
+# check: ch3.resrep-merge (3 points)
+_gen = torch.Generator().manual_seed(2)
+_k = torch.randn(6, 4, 3, 3, generator=_gen, dtype=torch.float64)
+_gm, _bt = torch.rand(6, generator=_gen, dtype=torch.float64) + 0.5, torch.randn(
+    6, generator=_gen, dtype=torch.float64)
+_mu, _var = torch.randn(6, generator=_gen, dtype=torch.float64), torch.rand(
+    6, generator=_gen, dtype=torch.float64) + 0.2
+_q = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, generator=_gen,
+                                                            dtype=torch.float64)
+_x = torch.randn(2, 4, 7, 7, generator=_gen, dtype=torch.float64)
+_ref = F.conv2d(F.batch_norm(F.conv2d(_x, _k, padding=1), _mu, _var, _gm, _bt, False, 0.0,
+                             1e-5), _q[:, :, None, None])
+_w, _b = merge_compactor(_k, _gm, _bt, _mu, _var, 1e-5, _q)
+assert _w.shape == _k.shape and _b.shape == (6,)
+torch.testing.assert_close(F.conv2d(_x, _w, _b, padding=1), _ref)
+
+# %% [markdown]
+# **Exercise 3 — derivation: the push of BAR's barrier.** With $r = (V - a)/(b - a)$ and
+# $B(V) = r^2/(1 - r)$ for $a < V < b$, derive $dB/dV$ and return it for the tensor `v` (all
+# inside $(a, b)$). How does it behave as $V \to b$? The check compares with autograd.
+
+# %%
+def barrier_slope(v: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    r = (v - a) / (b - a)
+    return r * (2 - r) / ((1 - r) ** 2 * (b - a))
+    ### END SOLUTION
+
+
+# %%
+# check: ch3.barrier-slope (2 points)
+_a, _b = 0.4999, 0.7
+_v = torch.linspace(0.51, 0.699, 50, dtype=torch.float64).requires_grad_(True)
+_r = (_v - _a) / (_b - _a)
+(_r ** 2 / (1 - _r)).sum().backward()
+_sl = barrier_slope(_v.detach(), _a, _b)
+assert torch.allclose(_sl, _v.grad, rtol=1e-9)
+assert bool((_sl.diff() > 0).all()) and float(_sl[-1]) > 1e4       # steeper and steeper
+
+# %% [markdown]
+# **Exercise 4 — implementation: a straight-through step.** Write `ste_gate(theta)` with the
+# forward value $\mathbb 1[\theta > 0]$ exactly and the backward pass of DMC's clipped
+# straight-through estimator: the incoming gradient times $\mathbb 1[\lvert\theta\rvert \le
+# 1]$. Use a `torch.autograd.Function` (not the `detach` trick). The check tests the values and
+# the gradient.
+
+# %%
+class _SteGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta):
+        ### BEGIN SOLUTION
+        ctx.save_for_backward(theta)
+        return (theta > 0).to(theta.dtype)
+        ### END SOLUTION
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ### BEGIN SOLUTION
+        (theta,) = ctx.saved_tensors
+        return grad_out * (theta.abs() <= 1).to(grad_out.dtype)
+        ### END SOLUTION
+
+
+def ste_gate(theta: torch.Tensor) -> torch.Tensor:
+    return _SteGate.apply(theta)
+
+
+# %%
+# check: ch3.ste-gate (2 points)
+_th = torch.tensor([-2.0, -0.5, -0.0, 0.0, 0.3, 0.9, 1.5], requires_grad=True)
+_g = ste_gate(_th)
+assert torch.equal(_g.detach(), torch.tensor([0.0, 0, 0, 0, 1, 1, 1]))
+_w = torch.arange(1.0, 8.0)
+(_g * _w).sum().backward()
+assert torch.equal(_th.grad, torch.tensor([0.0, 2, 3, 4, 5, 6, 0]))
+
+# %% [markdown]
+# **Exercise 5 — experiment: annealing against drift in GDP.** A toy model of GDP's phase:
+# $n$ gates, channel $c$ worth $w_c$ to the loss and costing $\rho$,
+# $L(\theta) = \sum_c (\rho - w_c)\,g_\epsilon(\theta_c)$ (up to a constant). Starting from
+# $\theta = 1$, take `steps` plain gradient steps of size `lr` with
+# $\epsilon_k = 10^{-2}\cdot(10^{-2})^{k/\text{steps}}$ at step $k$ (from $10^{-2}$ towards
+# $10^{-4}$), and GDP's rule: a θ that reaches or crosses 0 in a step is set to 0 for good.
+# Return the gates $g_{10^{-4}}(\theta)$ at the end. Then run it twice (the check does): with
+# enough drift every gate whose channel is worth less than it costs ($w_c < \rho$) ends at
+# exactly 0 and every other near 1; with too little (`lr=1`, 100 steps) the annealing freezes
+# a useless gate at ≈ 1 — ε falls faster than its θ can, and its slope
+# ($\propto\epsilon/\theta^3$) vanishes.
+
+# %%
+def polarize(w: torch.Tensor, rho: float, steps: int, lr: float) -> torch.Tensor:
+    """Gates g_(1e-4)(theta) after `steps` annealed gradient steps from theta = 1."""
+    ### BEGIN SOLUTION
+    theta = torch.ones_like(w)
+    dead = torch.zeros_like(w, dtype=torch.bool)
+    for k in range(steps):
+        eps = 1e-2 * (1e-2) ** (k / steps)
+        new = theta - lr * (rho - w) * 2 * theta * eps / (theta ** 2 + eps) ** 2
+        dead |= new * theta <= 0
+        theta = new.masked_fill(dead, 0.0)
+    return theta ** 2 / (theta ** 2 + 1e-4)
+    ### END SOLUTION
+
+
+# %%
+# check: ch3.polarize (3 points)
+_w = torch.tensor([0.1, 0.3, 0.6, 0.9, 1.2, 1.5, 2.0, 3.0], dtype=torch.float64)
+_g = polarize(_w, 1.0, 200, 5.0)
+assert torch.equal(_g[_w < 1] == 0, torch.ones(4, dtype=torch.bool))     # exactly 0
+assert bool((_g[_w > 1] > 0.99).all())                                   # ... or near 1
+_g_slow = polarize(_w, 1.0, 100, 1.0)
+assert bool((_g_slow[_w > 1] > 0.99).all())
+_frozen = (_w < 1) & (_g_slow > 0.99)
+assert int(_frozen.sum()) >= 1 and bool((_g_slow[_w < 0.5] == 0).all())  # frozen, not pruned
+
+# %% [markdown]
+# **Going further** (no check): (a) run SSS and GAL with `structure="channels"` (a factor per
+# channel instead of per block) and compare the width figure and the accuracies with the
+# block runs; (b) give ResRep its default `mask_interval` (200) and count its mask updates
+# (`mask_updates`) in the quick phase; (c) hand SCOP a better knockoff generator
+# (`scop.set_generator(...)`, e.g. a small GAN trained on CIFAR-10) and compare its λ with the
+# PPCA knockoffs'; (d) let BAR decide with its own rule (`run(..., budget="own")`) and compare
+# the MACs it reaches with the target; (e) rerun GDP with `residual="internal"` (the trunk
+# left whole) and compare its widths with the coupled run.
+
+# %%
+print(f"chapter run time: {time.time() - T_START:.0f} s at scale {SCALE} on {DEVICE}")
+
+# %% [markdown]
+# ## References
+#
+# * Y. He, L. Xiao, "Structured Pruning for Deep Convolutional Neural Networks: A Survey",
+#   IEEE TPAMI 46(5), 2024 (arXiv:2303.00566).
+# * Z. Huang, N. Wang, "Data-Driven Sparse Structure Selection for Deep Neural Networks",
+#   ECCV 2018 (arXiv:1707.01213); code: github.com/TuSimple/sparse-structure-selection.
+# * S. Lin, R. Ji, C. Yan, B. Zhang, L. Cao, Q. Ye, F. Huang, D. Doermann, "Towards Optimal
+#   Structured CNN Pruning via Generative Adversarial Learning", CVPR 2019 (arXiv:1903.09291);
+#   code: github.com/ShaohuiLin/GAL.
+# * A. Beck, M. Teboulle, "A Fast Iterative Shrinkage-Thresholding Algorithm for Linear
+#   Inverse Problems", SIAM J. Imaging Sciences 2(1), 2009 (FISTA).
+# * S. Gao, F. Huang, J. Pei, H. Huang, "Discrete Model Compression With Resource Constraint
+#   for Deep Neural Networks", CVPR 2020 (no public code).
+# * Y. Bengio, N. Léonard, A. Courville, "Estimating or Propagating Gradients Through
+#   Stochastic Neurons for Conditional Computation", arXiv:1308.3432, 2013 (straight-through).
+# * Y. Guo, H. Yuan, J. Tan, Z. Wang, S. Yang, J. Liu, "GDP: Stabilized Neural Network Pruning
+#   via Gates with Differentiable Polarization", ICCV 2021 (arXiv:2109.02220; no public code).
+# * X. Ding, T. Hao, J. Tan, J. Liu, J. Han, Y. Guo, G. Ding, "ResRep: Lossless CNN Pruning via
+#   Decoupling Remembering and Forgetting", ICCV 2021 (arXiv:2007.03260); code:
+#   github.com/DingXiaoH/ResRep.
+# * Y. Tang, Y. Wang, Y. Xu, D. Tao, C. Xu, C. Xu, C. Xu, "SCOP: Scientific Control for Reliable
+#   Neural Network Pruning", NeurIPS 2020 (arXiv:2010.10732); code: github.com/huawei-noah/Pruning
+#   (SCOP_NeurIPS2020).
+# * M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analysis", J. Royal
+#   Statistical Society B 61(3), 1999 (the knockoff generator prunelib fits).
+# * C. Lemaire, A. Achkar, P.-M. Jodoin, "Structured Pruning of Neural Networks with
+#   Budget-Aware Regularization", CVPR 2019 (arXiv:1811.09332; no official code).
+# * C. Louizos, M. Welling, D. P. Kingma, "Learning Sparse Neural Networks through L0
+#   Regularization", ICLR 2018 (Hard-Concrete gates).
+# * H. Li, A. Kadav, I. Durdanovic, H. Samet, H. P. Graf, "Pruning Filters for Efficient
+#   ConvNets", ICLR 2017 (L1 filter magnitude, per-layer rate).

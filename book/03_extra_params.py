@@ -814,6 +814,29 @@ if gdp_run.gate_macs <= SC.target_macs:      # its zero gates met the budget: ex
                - results["GDP"]["accuracy"]["regularized"]) <= 0.1
 
 # %% [markdown]
+# Two measurements the reading below uses: how far ResRep's lasso could move a masked row over
+# the phase (ρ times the displacement that SGD with the compactors' momentum gives a constant
+# unit gradient, `prunelib.strength.sgd_displacement`), against the norms of the rows it
+# masked; and how SCOP's λ ended.
+
+# %%
+from prunelib.strength import phase_lrs, sgd_displacement  # noqa: E402
+
+rr_run, scop_run = probes["ResRep"]["method"], probes["SCOP"]["method"]
+lrs = phase_lrs(Context(example_inputs=xb1, epochs=SC.reg_epochs, lr=SC.reg_lr,
+                        schedule=SC.schedule), len(data.train))
+rr_reach = rr_run.lam * sgd_displacement(lrs, rr_run.compactor_momentum)
+masked = torch.cat([q.detach().norm(dim=1)[pi == 0].cpu() for q, pi in zip(rr_run.Q,
+                                                                             rr_run.mask)])
+lam_end = probes["SCOP"]["f"]
+print(f"ResRep: lasso reach over the phase {rr_reach:.4f}; {len(masked)} rows masked, their "
+      f"norms {float(masked.min()):.3f} .. {float(masked.max()):.3f}")
+print(f"SCOP: lambda mean {float(lam_end.mean()):.3f}; at 0: {int((lam_end == 0).sum())}, "
+      f"at 1: {int((lam_end == 1).sum())}, in between: {int(((lam_end > 0) & (lam_end < 1)).sum())}"
+      f" of {len(lam_end)}")
+assert len(masked) > 0 and rr_reach < 0.1 * float(masked.min())    # far out of reach
+
+# %% [markdown]
 # READING_TBD
 #
 # %% [markdown]

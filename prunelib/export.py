@@ -13,8 +13,7 @@ these elementwise passes over memory cost a large share of the pruned model's ti
   inplace        a ReLU (F.relu, torch.relu, nn.ReLU) or an addition (a + b, torch.add) whose
                  first input is an intermediate tensor used by nothing else, of the output's
                  shape and dtype (checked by running the example inputs), writes into that
-                 input instead of a freshly allocated tensor (CPU allocations of large tensors
-                 are page faults).
+                 input instead of allocating and writing a new tensor.
   channels_last  parameters of 4-D convolutions in NHWC memory order (oneDNN's native layout).
   backend        'eager' (the traced torch.fx GraphModule, default) or 'jit' (torch.jit.trace,
                  then torch.jit.freeze: less Python overhead per op; TorchScript is deprecated

@@ -6,7 +6,7 @@ these elementwise passes over memory cost a large share of the pruned model's ti
 `measure.profile_layers`). The export removes what inference does not need, exactly:
 
   fold_bn        every BatchNorm (eval mode, running statistics) whose input is a convolution
-                 used by nothing else is folded into that convolution's weight and bias:
+                 used by nothing else (and called once) is folded into its weight and bias:
                  W' = W * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps),
                  computed in float64 and stored in the weight's dtype. The BatchNorm node
                  disappears from the graph.
@@ -76,6 +76,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
     """Fold every eval BatchNorm that follows a conv used only by it into that conv, in place
     in `gm`; returns how many were folded."""
     mods = dict(gm.named_modules())
+    calls: dict[str, int] = {}                    # a conv called twice keeps its weights
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     folded = 0
     for node in list(gm.graph.nodes):
         bn = mods.get(node.target) if node.op == "call_module" else None
@@ -85,7 +89,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         conv = mods.get(src.target) if isinstance(src, fx.Node) and \
             src.op == "call_module" else None
         if (not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed
-                or len(src.users) != 1 or conv.out_channels != bn.num_features):
+                or len(src.users) != 1 or calls[src.target] != 1
+                or conv.out_channels != bn.num_features):
             continue
         _fold_into(conv, bn)
         node.replace_all_uses_with(src)

@@ -160,3 +160,23 @@ def test_export_keeps_the_baselines_cifar_predictions(data_root):
         assert torch.equal(ref.argmax(1), out.argmax(1))               # same predictions
         assert (ref.argmax(1) == y).float().mean() == (out.argmax(1) == y).float().mean()
         assert float((ref - out).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each call followed by its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), \
+            nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv(F.relu(self.bn1(self.conv(x)))))
+
+
+def test_a_conv_called_twice_is_not_folded_and_the_function_is_kept():
+    model = trained_like(SharedConv())
+    x = torch.randn(2, 3, 8, 8)
+    exported = for_inference(model, x)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in exported.modules()) == 2
+    assert max_diff(exported, model, x) < 1e-5

@@ -180,3 +180,17 @@ def test_a_conv_called_twice_is_not_folded_and_the_function_is_kept():
     exported = for_inference(model, x)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in exported.modules()) == 2
     assert max_diff(exported, model, x) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["vgg16", "mobilenetv2", "tv_resnet18"])
+def test_export_is_exact_on_other_architectures(name):
+    import torchvision
+    torch.manual_seed(0)
+    model = (torchvision.models.resnet18(num_classes=10) if name == "tv_resnet18"
+             else get_model(name))                       # shared nn.ReLU; depthwise convs
+    model = trained_like(model)
+    x = torch.randn(2, 3, 32, 32)
+    exported = for_inference(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in exported.modules())
+    with torch.no_grad():
+        assert max_diff(exported, model, x) <= 1e-5 * max(float(model(x).abs().max()), 1.0)

@@ -133,7 +133,7 @@ print(f"scale={SCALE}  device={DEVICE}  torch={torch.__version__}  prunelib={pl.
 #
 # All seven are registered in `prunelib.methods`; each module's docstring has the equations,
 # defaults and sources, and marks what the paper leaves open (DMC, GDP and BAR have no official
-# code). SSS, GAL, DMC and GDP share one piece of machinery, `prunelib.methods.structures`:
+# code). SSS, GAL, DMC, GDP and BAR share one piece of machinery, `prunelib.methods.structures`:
 # a hook multiplies each structure's output by its factor, and `finish` folds the factors and
 # removes what is zero. On ResNet-20, SSS and GAL default to **one factor per residual
 # branch** (`structure='auto'`: the papers' choice for ResNets, and the official GAL

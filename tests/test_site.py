@@ -227,3 +227,15 @@ def test_blank_tells_a_single_colour_from_a_figure():
     assert blank(png(white))
     white.putpixel((30, 30), (0, 0, 255, 255))
     assert not blank(png(white))
+
+
+def test_one_line_math():
+    """Maths spans are joined to one line (a `- ` line inside them is no list item), code and
+    text across a blank line are not."""
+    spec = importlib.util.spec_from_file_location("build_site", ROOT / "tools" / "build_site.py")
+    build_site = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_site)
+    f = build_site.one_line_math
+    assert f("a $x\n- y$ b\n$$a\n+ b$$") == "a $x - y$ b\n$$a + b$$"
+    assert f("`$a\n` $b$") == "`$a\n` $b$"
+    assert f("costs $5\n\n# Head $x$") == "costs $5\n\n# Head $x$"

@@ -12,6 +12,7 @@ changed since, stops the build with the command that executes it (or use --execu
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -43,6 +44,21 @@ def landing_page(readme: str, chapters: list[Path]) -> str:
     return f"{text.rstrip()}\n\n## Contents\n\n{toc}\n"
 
 
+MATH = re.compile(r"\$\$.+?\$\$|\$[^$]+?\$", re.S)
+CODE = re.compile(r"(```.*?```|`[^`]*`)", re.S)
+
+
+def one_line_math(md: str) -> str:
+    """Each maths span of a Markdown text on one line. Jupyter takes maths out before it parses
+    Markdown; MyST does not, so a line inside `$...$` that starts with `- ` or `+ ` would become a
+    list item there. Code is left alone, and so is a span across a blank line (not maths)."""
+    def join(m):
+        return m[0] if re.search(r"\n\s*\n", m[0]) else m[0].replace("\n", " ")
+
+    parts = CODE.split(md)
+    return "".join(p if i % 2 else MATH.sub(join, p) for i, p in enumerate(parts))
+
+
 def check_executed(execute: bool) -> list[Path]:
     """The chapters, all executed from their current source; runs pytest on the others when
     `execute`, else exits with what to run."""
@@ -64,7 +80,8 @@ def check_executed(execute: bool) -> list[Path]:
 
 
 def stage(chapters: list[Path]) -> None:
-    """Lay out the site's sources: landing page, extra pages, executed notebooks."""
+    """Lay out the site's sources: landing page, extra pages, executed notebooks (maths on one
+    line)."""
     shutil.rmtree(SRC, ignore_errors=True)
     SRC.mkdir(parents=True)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -73,7 +90,11 @@ def stage(chapters: list[Path]) -> None:
         if (BOOK / name).exists():
             shutil.copy2(BOOK / name, SRC / name)
     for py in chapters:
-        shutil.copy2(book_exec.executed_path(py), SRC / f"{py.stem}.ipynb")
+        nb = json.loads(book_exec.executed_path(py).read_text(encoding="utf-8"))
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "markdown":
+                cell["source"] = one_line_math("".join(cell["source"]))
+        (SRC / f"{py.stem}.ipynb").write_text(json.dumps(nb), encoding="utf-8")
 
 
 def build(execute: bool = False) -> Path:

@@ -685,11 +685,11 @@ del m_bar
 #
 # Every method runs `prunelib.pipeline.run` with the scale's budget (≤ 50% of the dense MACs)
 # and schedule: sparse phase → removal → BN recalibration (20 training batches, no gradient
-# step) → fine-tuning. Every method is passed by name, with its defaults (the papers' values
-# where they exist); `run`'s default `strength='auto'` applies the library's strength rule
-# where one exists for the method (the *strength* column of the table says what was used:
-# "own plan" means the method kept its own values). The baseline is `l1`, Li et al.'s
-# per-layer magnitude rule (every inner layer loses the same fraction of its lowest-L1
+# step) → fine-tuning. Every method runs with its defaults (the papers' values where they
+# exist; ResRep's mask interval scaled, below); `run`'s default `strength='auto'` applies the
+# library's strength rule where one exists for the method (the *strength* column of the table
+# says what was used: "own plan" means the method kept its own values). The baseline is `l1`,
+# Li et al.'s per-layer magnitude rule (every inner layer loses the same fraction of its lowest-L1
 # filters; no sparse phase). The removal follows each method's decision under the common
 # budget: the factors at exactly 0 go first, then the lowest-ranked ones until the target
 # holds (SSS and GAL: whole blocks, lowest factor first; SCOP: a uniform rate). At the end of
@@ -700,7 +700,7 @@ del m_bar
 # rule (chapter 2) in a simple form: every scale or mask starts at the same value, 1, so the
 # drift the penalty must be able to cause is $D = 1$ whatever the budget, and ρ is set so that
 # the penalty alone, through the method's *own* update (SSS's APG with its momentum, GAL's
-# FISTA steps, whose $g$ carries $\rho\,\mathrm{sign}(m)$ on top of the threshold), would move
+# FISTA steps, whose $h$ carries $\rho\,\mathrm{sign}(m)$ on top of the threshold), would move
 # a factor by margin × D = 2 over the phase. DMC, GDP and BAR have no such rule: their
 # pressure *is* the budget (a FLOPs term or a barrier that vanishes once the budget holds);
 # ResRep's masks are set by the budget too, and its lasso only empties the masked rows (the
@@ -772,7 +772,12 @@ assert results["l1"]["accuracy"]["regularized"] == base_acc            # l1: no 
 # ### Whole blocks: what SSS and GAL removed
 #
 # SSS and GAL carry one factor per residual branch, so their removal takes out whole blocks
-# (the block's output becomes its shortcut) and leaves every other layer at its full width:
+# (the block's output becomes its shortcut) and leaves every other layer at its full width.
+# Printed per method: the blocks removed; the nine factors at the end of the sparse phase; the
+# mean |γ| of each branch's last BatchNorm relative to the dense model's (a factor on a BN's
+# output could be undone by a larger γ, since $f\,\mathrm{BN}(x;\gamma,\beta) =
+# \mathrm{BN}(x; f\gamma, f\beta)$); and their product, the scale the branch's output really
+# ended at:
 
 # %%
 ends = probes["SSS"]["method"].st.names                       # the branches' last BNs

@@ -210,7 +210,7 @@ print(f"removed branches: {removed_branches(small)}; MACs {macs_s / MACS0:.3f} o
       f"max |logit change| {gap:.1e}")
 assert removed_branches(small) == ["layer2.1.bn2"]
 assert gap < 1e-4 * (1 + float(y_gated.abs().max()))
-assert all(not mod._forward_hooks for mod in small.modules())   # a plain network
+assert not pl.hooked(small)                                   # a plain network
 del m_sss, small
 
 # %% [markdown]
@@ -514,7 +514,7 @@ with torch.no_grad():
 print(f"merged model == compactor model: max |logit change| "
       f"{float((y_m - y_c).abs().max()):.1e} (logits up to {float(y_c.abs().max()):.1f})")
 assert torch.allclose(y_m, y_c, atol=1e-4 * float(y_c.abs().max()))
-assert all(not mod._forward_hooks for mod in merged.modules())
+assert not pl.hooked(merged)
 del m_rr, merged
 
 # %% [markdown]

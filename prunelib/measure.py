@@ -278,3 +278,10 @@ def profile_table(rows: list[dict], top: int | None = None) -> list[str]:
     lines.append(f"{'total (' + str(len(rows)) + ' rows)':34s} {d:9.2f} {p:9.2f} "
                  f"{d / p if p else math.nan:8.2f}")
     return lines
+
+
+def hooked(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that carry forward hooks or forward pre-hooks ('' the
+    model itself): empty for a plain network, e.g. after a method's `finish`."""
+    return [name for name, mod in model.named_modules()
+            if mod._forward_hooks or mod._forward_pre_hooks]

@@ -132,3 +132,17 @@ def test_profile_layers_splits_time_by_layer_and_op_and_matches_the_macs():
     assert any(r["op"] == "aten::mkldnn_convolution" or "conv" in r["op"] for r in ops)
     lines = profile_table(layers, top=5)
     assert len(lines) == 7 and lines[-1].startswith("total (")
+
+
+def test_hooked_names_the_modules_a_method_left_hooks_on():
+    import prunelib as pl
+    from prunelib import methods
+    from prunelib.models import get_model
+    from prunelib.select import Budget
+    model, x = get_model("resnet20"), torch.randn(1, 3, 32, 32)
+    assert pl.hooked(model) == []
+    m = methods.get("gdp")
+    m.ctx = methods.Context(example_inputs=x)
+    attached = m.attach(model, pl.channel_groups(model, x))
+    assert "" in pl.hooked(attached) and len(pl.hooked(attached)) > 1
+    assert pl.hooked(m.finish(attached, Budget(macs=0.6))) == []

@@ -24,6 +24,7 @@ if _os.environ.get("PRUNELIB_THREADS"):
 
 from .graph import (ChannelGroup, FrozenOp, GroupList, Member, UnsupportedOpError,
                     channel_groups, register_op)
+from .export import for_inference
 from .measure import count, hooked, latency
 from .surgery import (Branch, load_pruned, remove_branches, remove_channels, residual_branches,
                       save_pruned)
@@ -32,5 +33,5 @@ from . import methods  # noqa: E402  (registers every method)
 __version__ = "0.1.0"
 __all__ = ["ChannelGroup", "GroupList", "FrozenOp", "Member", "UnsupportedOpError",
            "channel_groups", "register_op",
-           "count", "hooked", "latency", "remove_channels", "save_pruned", "load_pruned", "methods",
+           "count", "hooked", "latency", "for_inference", "remove_channels", "save_pruned", "load_pruned", "methods",
            "Branch", "residual_branches", "remove_branches"]

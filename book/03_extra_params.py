@@ -28,16 +28,15 @@
 # 3. run all seven plus the magnitude baseline on real CIFAR-10 ResNet-20 under the book's one
 #    protocol, read every phase, and say from the numbers where a method loses to `l1` and why.
 #
-# **Run time** (whole chapter as a script, `python book/03_extra_params.py`, quick scale):
-# **28 min 27 s** in one thread (`PRUNELIB_THREADS=1`) on the 2-core CPU shared with other
-# jobs (load average 2.5–5.3, this chapter's own nbval run among them; 1701 s by the chapter's
-# own clock), of which **17 min 11 s of CPU time** (1008 s user + 24 s system). Chapters 2
-# and 4 need 15 min 39 s and 13 min 54 s of CPU time in one thread, and 8 min 33 s and
-# 7 min 36 s of wall time on the idle CPU with the default threads; by chapter 2's ratio this
-# chapter would need about 9½ minutes there (an estimate: not measured on an idle CPU). The
+# **Run time** (whole chapter, quick scale): **9 min 23 s** on the idle 2-core CPU with the
+# default threads, executed by the book's tests (`pytest book/03_extra_params.ipynb`: 563 s by
+# the chapter's own clock; chapters 2 and 4 took 9 min 37 s and 8 min 13 s the same way).
+# As a script in one thread (`PRUNELIB_THREADS=1 python book/03_extra_params.py`) on the CPU
+# shared with other jobs (load 2.5–5.3): 28 min 27 s, of which 17 min 11 s of CPU time. The
 # eight protocol runs take 98% of it; GAL (a discriminator and a teacher beside the student)
 # and SCOP (every batch doubled by its knockoffs) are the longest. The "in our run" numbers are
-# from this run. Full scale: not measured — 160 + 160 epochs per method, a job for a GPU.
+# from the one-thread run (the thread count alone can move single rows by several points).
+# Full scale: not measured — 160 + 160 epochs per method, a job for a GPU.
 #
 # The protocol's settings (training and test subsets, epochs and learning rates of both
 # phases, the 50% MACs target, seed, BN-recalibration batches, strength rule) are not knobs of

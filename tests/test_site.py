@@ -72,9 +72,9 @@ def site(request) -> Path:
                               capture_output=True, text=True)
         assert done.returncode == 0, f"site build failed:\n{done.stdout}\n{done.stderr}"
         say(request, f"site built in {time.time() - t0:.0f} s: {index}")
-    if not index.exists():
-        unavailable("the site is not built: execute the chapters (pytest) and run "
-                    "`python tools/build_site.py`" + (f" ({stale[0]})" if stale else ""))
+    if stale or not index.exists():     # a site older than the chapters shows other numbers
+        unavailable("the site is not built from the current chapters: execute them (pytest) "
+                    "and run `python tools/build_site.py`" + (f" ({stale[0]})" if stale else ""))
     return HTML
 
 

@@ -966,6 +966,19 @@ def gdp_slope(theta: torch.Tensor, eps: float) -> tuple[torch.Tensor, float, flo
 
 # %%
 # check: ch3.gdp-slope (3 points)
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
+
+
+assert not _names(gdp_slope) & {"autograd", "backward", "grad", "smoothed_l0", "gdp"}, \
+    "derive it: no autograd, no prunelib gate"
 for _eps in (1e-2, 1e-4):
     _th = torch.linspace(-1, 1, 2001, dtype=torch.float64).requires_grad_(True)
     (_th ** 2 / (_th ** 2 + _eps)).sum().backward()
@@ -995,6 +1008,19 @@ def merge_compactor(k, gamma, beta, mean, var, eps, q):
 
 # %%
 # check: ch3.resrep-merge (3 points)
+def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
+    def walk(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from walk(c)
+    used = set(walk(fn.__code__))
+    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
+    return {part for n in used for part in n.split(".")}
+
+
+assert not _names(merge_compactor) & {"merge_", "merged", "resrep", "methods"}, \
+    "write the merge: no prunelib ResRep function"
 _gen = torch.Generator().manual_seed(2)
 _k = torch.randn(6, 4, 3, 3, generator=_gen, dtype=torch.float64)
 _gm, _bt = torch.rand(6, generator=_gen, dtype=torch.float64) + 0.5, torch.randn(

@@ -1165,16 +1165,7 @@ def nonneg_soft_threshold(z: torch.Tensor, theta: float) -> torch.Tensor:
 
 # %%
 # check: ch1.nonneg-prox (3 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(nonneg_soft_threshold) & {"soft_threshold", "methods"}, \
     "derive it: no prunelib thresholding function"
@@ -1205,16 +1196,7 @@ def conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:
 
 # %%
 # check: ch1.conv-macs (2 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(conv_macs) & {"count", "layer_macs", "flop_counter", "measure"}, \
     "count the MACs by hand, not with prunelib or torch's counter"
@@ -1277,16 +1259,7 @@ def constant_lr_reach(eta: float, mu: float, steps: int) -> float:
 
 # %%
 # check: ch1.momentum-reach (3 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(constant_lr_reach) & {"range", "arange", "cumsum", "strength",
                                         "sgd_displacement", "optim", "SGD"}, \

@@ -912,16 +912,7 @@ def scp_penalty_grads(gamma: torch.Tensor, beta: torch.Tensor, chi: float,
 
 # %%
 # check: ch2.scp-grads (3 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(scp_penalty_grads) & {
     "grad", "backward", "autograd", "func", "jacrev", "jacfwd", "vjp", "ndtr", "erf", "erfc",

@@ -966,16 +966,7 @@ def gdp_slope(theta: torch.Tensor, eps: float) -> tuple[torch.Tensor, float, flo
 
 # %%
 # check: ch3.gdp-slope (3 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(gdp_slope) & {"autograd", "backward", "grad", "smoothed_l0", "gdp"}, \
     "derive it: no autograd, no prunelib gate"
@@ -1008,16 +999,7 @@ def merge_compactor(k, gamma, beta, mean, var, eps, q):
 
 # %%
 # check: ch3.resrep-merge (3 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(merge_compactor) & {"merge_", "merged", "resrep", "methods"}, \
     "write the merge: no prunelib ResRep function"

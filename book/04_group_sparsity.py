@@ -1103,16 +1103,7 @@ def filter_lasso_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
 
 # %%
 # check: ch4.filter-grad (2 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(filter_lasso_grad) & {
     "grad", "backward", "autograd", "func", "jacrev", "jacfwd", "vjp", "methods"}, \
@@ -1183,16 +1174,7 @@ def zero_zig_(seq: nn.Sequential, k: int) -> None:
 
 # %%
 # check: ch4.zero-group (2 points)
-def _names(fn) -> set:            # the names an answer uses, an alias also by its __name__
-    def walk(code):
-        yield from code.co_names
-        for c in code.co_consts:
-            if hasattr(c, "co_names"):
-                yield from walk(c)
-    used = set(walk(fn.__code__))
-    used |= {str(getattr(fn.__globals__.get(n), "__name__", "")) for n in used}
-    return {part for n in used for part in n.split(".")}
-
+from prunelib.checks import names_used as _names  # what an answer calls  # noqa: E402
 
 assert not _names(zero_zig_) & {"zero_", "channel_groups", "members", "rows"}, \
     "name the tensors yourself: no prunelib group"

@@ -21,25 +21,6 @@ from prunelib.models import get_model
 from prunelib.train import save_checkpoint
 
 
-@pytest.fixture
-def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
-    """Record (and refuse) any data loading, baseline loading, pruning run or benchmark."""
-    calls: list[str] = []
-
-    def refuse(name: str):
-        def f(*a, **k):
-            calls.append(name)
-            raise AssertionError(f"{name} was called before validation finished")
-        return f
-
-    monkeypatch.setattr(data, "cifar10", refuse("cifar10"))
-    monkeypatch.setattr(pipeline, "load_baseline", refuse("load_baseline"))
-    monkeypatch.setattr(pipeline, "run", refuse("run"))
-    monkeypatch.setattr("prunelib.bench.run_bench", refuse("run_bench"))
-    monkeypatch.setenv("PRUNELIB_CACHE", str(tmp_path / "cache"))
-    return calls
-
-
 def user_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     """Run main(argv) expecting a user error; return its message (after 'prunelib: error: ')."""
     with pytest.raises(SystemExit) as e:

@@ -312,23 +312,6 @@ def test_report_refuses_what_is_not_a_result_json(tmp_path: Path, monkeypatch: p
         assert msg.startswith(f"{tmp_path / name}: {message}"), msg
 
 
-@pytest.fixture
-def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
-    calls: list[str] = []
-
-    def refuse(name: str):
-        def f(*a, **k):
-            calls.append(name)
-            raise AssertionError(f"{name} was called before validation finished")
-        return f
-
-    monkeypatch.setattr(data, "cifar10", refuse("cifar10"))
-    monkeypatch.setattr(pipeline, "load_baseline", refuse("load_baseline"))
-    monkeypatch.setattr(pipeline, "run", refuse("run"))
-    monkeypatch.setenv("PRUNELIB_CACHE", str(tmp_path / "cache"))
-    return calls
-
-
 SWEEP_ERRORS = [
     (["--methods", "ns", "nosuch"], "--methods nosuch: unknown method 'nosuch'; registered: "),
     (["--methods", "ns", "ns"], "--methods ns is given twice"),

@@ -240,6 +240,23 @@ def test_resrep_short_phase_decays_masked_rows_only_by_the_lasso_gradient():
             assert (a[off] < b[off]).all()                   # masked rows shrink
 
 
+def test_resrep_default_mask_interval_is_the_official_200_scaled_to_the_phase():
+    from prunelib.data import Batches
+    from prunelib.methods.resrep import OFFICIAL_MASK_INTERVAL, OFFICIAL_STEPS
+    assert (OFFICIAL_MASK_INTERVAL, OFFICIAL_STEPS) == (200, 480 * 782)  # R-56: 480 ep, batch 64
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8, generator=gen)
+    data = Batches(imgs, torch.randint(0, 10, (32,), generator=gen), batch_size=8)
+    rr = methods.get("resrep", warmup=0.0)
+    assert rr.mask_interval is None and methods.get("resrep", mask_interval=3).mask_interval == 3
+    rr.ctx = methods.Context(example_inputs=torch.randn(1, 3, 8, 8), train_loader=data,
+                             epochs=2, lr=0.05, quiet=True)
+    model = tiny_resnet()
+    model = rr.attach(model, pl.channel_groups(model, rr.ctx.example_inputs))
+    rr.regularize(model, rr.ctx)
+    assert rr._every == 1 and rr.mask_updates == rr.step == 8      # a short phase: every step
+
+
 # --- GDP and DMC: gates on channels -------------------------------------------------------------
 def gate_grad_oracle(method, model: nn.Module, x, y, gate_values: torch.Tensor) -> torch.Tensor:
     """dL/dg by autograd: a hook-free copy of the model gated by a leaf tensor g (identity fn),

@@ -32,6 +32,10 @@ Residual   'internal' only (the paper's experiments: first conv of each basic bl
            producing conv followed by one BN over all its channels.
 Defaults   [code: rr/exp_resrep.py] lam = 1e-4, mask_interval = 200, granularity = 4,
            compactor momentum 0.99; MACs target: ctx.extra['budget'].macs, else `macs`.
+           [ours] mask_interval=None (the default) scales the official 200 iterations of a
+           480-epoch, 782-step (batch 64) run to the phase, as GAL's mask_step: at least 1, so
+           a short phase reaches its target as early in the phase as the official run does
+           (with 200 a 3-epoch CIFAR phase would mask about 20 rows, far short of the target).
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ from .base import Context, HParam, Method, register
 from .structures import follow_model
 
 CONVERSION_EPS = 1e-5           # official CONVERSION_EPSILON: rows below it are removed
+OFFICIAL_STEPS, OFFICIAL_MASK_INTERVAL = 480 * 782, 200     # R-56: 480 epochs at batch 64
 
 
 @register("resrep")
@@ -60,7 +65,8 @@ class ResRep(Method):
         "residual": HParam(str, choices=("internal",), none=True,
                            note="compactors on trunk (coupled) channels are not supported"),
         "lam": HParam(float, lo=0.0, note="lasso strength on compactor rows"),
-        "mask_interval": HParam(int, lo=1, note="steps between mask updates"),
+        "mask_interval": HParam(int, lo=1, none=True,
+                                note="steps between mask updates; None: 200 scaled to the phase"),
         "granularity": HParam(int, lo=1, note="newly masked rows per update at most"),
         "warmup": HParam(float, 0.0, 1.0, note="fraction of the phase before the first mask"),
         "compactor_momentum": HParam(float, 0.0, 1.0, hi_open=True),
@@ -68,7 +74,7 @@ class ResRep(Method):
                        note="fraction of dense MACs to keep when the context has no budget"),
     }
 
-    def __init__(self, lam: float = 1e-4, mask_interval: int = 200, granularity: int = 4,
+    def __init__(self, lam: float = 1e-4, mask_interval: int | None = None, granularity: int = 4,
                  warmup: float = 5 / 480, compactor_momentum: float = 0.99, macs: float = 0.5,
                  **kw) -> None:
         super().__init__(**kw)
@@ -126,6 +132,7 @@ class ResRep(Method):
         budget = self.ctx.extra.get("budget") if self.ctx is not None else None
         self.target = budget.macs if getattr(budget, "macs", None) is not None else self.macs
         self.step, self._total = 0, 0
+        self._every = self.mask_interval or OFFICIAL_MASK_INTERVAL    # until a phase scales it
         self.mask_updates = 0
         return model
 
@@ -153,6 +160,8 @@ class ResRep(Method):
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
         self._total = math.ceil(ctx.epochs * len(ctx.train_loader)) if ctx.epochs > 0 else 0
+        self._every = self.mask_interval or max(
+            1, round(OFFICIAL_MASK_INTERVAL * self._total / OFFICIAL_STEPS))
         return super().regularize(model, ctx)
 
     # -- training ----------------------------------------------------------------------------
@@ -167,10 +176,10 @@ class ResRep(Method):
             p / p.norm(dim=2, keepdim=True).clamp_min(1e-12), alpha=self.lam)   # (K, D, D)
 
     def after_step(self, model: nn.Module) -> None:
-        """After the warm-up, every `mask_interval` steps: `update_masks`."""
+        """After the warm-up, every `mask_interval` steps (scaled, see Defaults): `update_masks`."""
         self.step += 1
         start = math.ceil(self.warmup * self._total)
-        if self.step >= start and (self.step - start) % self.mask_interval == 0:
+        if self.step >= start and (self.step - start) % self._every == 0:
             self.update_masks()
 
     def row_norms(self) -> list[torch.Tensor]:

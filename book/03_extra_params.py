@@ -99,9 +99,6 @@ np.random.seed(SEED)
 T_START = time.time()
 
 CHECK_BATCH = 32            # images of the one real batch the from-scratch checks use
-# ResRep's steps between mask updates: the official 200 (of a 480-epoch run) scaled to the
-# phase, as prunelib scales GAL's FISTA interval; 200 would be more than the quick phase's steps
-RESREP_INTERVAL = 1 if QUICK else 200
 print(f"scale={SCALE}  device={DEVICE}  torch={torch.__version__}  prunelib={pl.__version__}")
 
 # %% [markdown]
@@ -704,13 +701,12 @@ del m_bar
 # pressure *is* the budget (a FLOPs term or a barrier that vanishes once the budget holds);
 # ResRep's masks are set by the budget too, and its lasso only empties the masked rows (the
 # paper's ρ is kept); SCOP has no penalty at all. ResRep's mask interval is scaled to the
-# phase (`RESREP_INTERVAL` in the setup cell): with the official 200 steps, the quick phase
-# (158 steps) would see a single update of 4 rows.
+# phase by the library (`mask_interval=None`: the official 200 steps of a 480-epoch run become 1
+# here); with 200, the quick phase (158 steps) would see a single update of 4 rows.
 
 # %%
 RUNS = {"l1": "l1", "SSS": "sss", "GAL": "gal", "DMC": "dmc", "GDP": "gdp",
-        "ResRep": pl.methods.get("resrep", mask_interval=RESREP_INTERVAL),
-        "SCOP": "scop", "BAR": "bar"}
+        "ResRep": "resrep", "SCOP": "scop", "BAR": "bar"}
 
 
 def factors(m) -> torch.Tensor:
@@ -1120,7 +1116,7 @@ assert int(_frozen.sum()) >= 1 and bool((_g_slow[_w < 0.5] == 0).all())  # froze
 # %% [markdown]
 # **Going further** (no check): (a) run SSS and GAL with `structure="channels"` (a factor per
 # channel instead of per block) and compare the width figure and the accuracies with the
-# block runs; (b) give ResRep its default `mask_interval` (200) and count its mask updates
+# block runs; (b) give ResRep the official `mask_interval=200` and count its mask updates
 # (`mask_updates`) in the quick phase; (c) hand SCOP a better knockoff generator
 # (`scop.set_generator(...)`, e.g. a small GAN trained on CIFAR-10) and compare its λ with the
 # PPCA knockoffs'; (d) let BAR decide with its own rule (`run(..., budget="own")`) and compare

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (<= 5 minutes): the CUDA-parametrized tests and one quick `prunelib run` on CUDA,
-# then a short table. Run from the repository root on a machine with a CUDA GPU:
+# GPU check (<= 7 minutes): the CUDA-parametrized tests, one quick `prunelib run` on CUDA, a
+# short table, then every method's hook overhead per training step on CUDA (issue 15's table:
+# `python -m prunelib.bench`, ResNet-56 at batch 64, median of interleaved rounds with spread). Run from the repository root on a machine with a CUDA GPU:
 #   PRUNELIB_DATA=<folder with cifar10_{train,test}.npz> bash tools/gpu_check.sh
 # CI never needs this; it is how we check that everything is device-agnostic.
 set -uo pipefail
@@ -39,4 +40,6 @@ try:
 except Exception as e:  # noqa: BLE001
     print("no run result:", e)
 PY
+timeout 240 python -m prunelib.bench --section overhead --device cuda --rounds 5 --steps 10 \
+  2>&1 | tee "$OUT/gpu_overhead.txt" | tail -n 25
 [ "$tests_rc" = 0 ] && [ "$run_rc" = 0 ]

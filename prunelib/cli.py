@@ -489,8 +489,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Table of mean ± std and n per method and budget (stdout, and --out/report.md or .txt)
-    and, with --out, the four figures of `prunelib.report` as PNG."""
+    """Table of mean ± std and n per method and budget, then the choices table (residual
+    policy, strength, decision rule, ...) and with --reported the papers' reported results
+    for the methods in RESULTS (stdout, and --out/report.md or .txt); with --out also the
+    four figures of `prunelib.report` as PNG."""
     from . import report
     from .fileio import atomic_write_text
     out = _folder(args.out, "--out") if args.out else None
@@ -499,7 +501,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     except report.ResultError as e:
         raise UsageError(str(e)) from None
     rows = report.aggregate(results)
-    text = report.table(rows, args.format)
+    parts = [report.table(rows, args.format),
+             report.choices_table(report.choices(results), args.format)]
+    if args.reported:
+        parts.append(report.reported_table(args.format, {r["method"] for r in results},
+                                           caveats=True))
+    text = "\n\n".join(parts)
     _log(text)
     if out is not None:
         path = out / f"report.{'md' if args.format == 'markdown' else 'txt'}"
@@ -510,14 +517,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("report", help="aggregate result JSONs into a table and figures",
+    p = sub.add_parser("report", help="aggregate result JSONs into tables and figures",
                        description="Read result JSONs (folders of them, or files; JSON only), "
-                                   "print mean ± std and n per method and budget, and with "
-                                   "--out write the table and four figures there.")
+                                   "print mean ± std and n per method and budget and the "
+                                   "choices that explain the differences (residual policy, "
+                                   "strength, decision rule, BN-recalibration gain, "
+                                   "sparse-phase cost, realized speedup), and with --out "
+                                   "write the tables and four figures there.")
     p.add_argument("results", nargs="+", metavar="RESULTS", help="result folders or JSON files")
     p.add_argument("--out", default=None, metavar="FOLDER",
                    help="write report.md (or .txt) and the figures (PNG) here")
     p.add_argument("--format", default="markdown", choices=["markdown", "text"])
+    p.add_argument("--reported", action="store_true",
+                   help="append the results the papers report for these methods (verified "
+                        "sources only; not measured by prunelib)")
     return p
 
 

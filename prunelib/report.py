@@ -4,6 +4,8 @@
     rows = aggregate(results)                     # one row per (model, scale, method, budget)
     print(table(rows))                            # markdown (or fmt='text')
     write_figures(rows, "report/")                # four PNGs, written atomically
+    print(choices_table(choices(results)))        # residual policy, strength, decision rule...
+    print(reported_table(methods={"ns", "pr"}))   # the papers' own numbers (not measured here)
 
 Files are read as JSON only (nothing is unpickled) and checked (`read_result`): a file that is
 not JSON, or JSON that is not a `pipeline.run` result, is a `ResultError` naming the file.
@@ -14,6 +16,11 @@ sparse phase, right after removal, after BN recalibration, after fine-tuning, an
 tuned - dense (per run, then averaged); MACs and params kept (fractions of dense); the measured
 batch-64 latency speedup dense / pruned and the ideal one, dense MACs / pruned MACs; the run's
 wall time (`seconds.total`, else the sum of its phases).
+
+`choices` gives, per method and budget, the choices that explain the differences between
+methods (residual policy, strength rule, decision rule, BN-recalibration gain, sparse-phase cost
+per epoch, realized share of the ideal speedup); `reported_table` the results the papers
+report (`prunelib.reported`), which prunelib did not measure.
 """
 from __future__ import annotations
 
@@ -27,8 +34,9 @@ from typing import Any, Callable, Iterable, Sequence
 from .results import PHASES, standard_error
 
 __all__ = ["ResultError", "Stat", "read_result", "load_results", "aggregate", "table",
-           "write_figures", "plot_accuracy_vs_macs", "plot_removed_vs_tuned",
-           "plot_speedup", "plot_wall_time", "FIGURES"]
+           "choices", "choices_table", "DECISIONS", "OWN_DECISIONS", "reported_table",
+           "REPORTED_CAVEATS", "write_figures", "plot_accuracy_vs_macs",
+           "plot_removed_vs_tuned", "plot_speedup", "plot_wall_time", "FIGURES"]
 
 
 class ResultError(ValueError):
@@ -158,16 +166,21 @@ def _order(key: tuple) -> tuple:
             method)
 
 
-def aggregate(results: Sequence[dict]) -> list[dict]:
-    """One row per (model, scale, method, budget), ordered by model, scale, budget (MACs kept,
-    largest first) and method name: the keys,
-    `n` (runs), `seeds`, `test_images` and {metric: Stat or None} for every name in METRICS."""
+def _grouped(results: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
+    """(model, scale, method, budget) -> its runs, in the order of `_order`."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         key = (r.get("model", ""), r.get("scale", ""), r["method"], _budget(r))
         groups.setdefault(key, []).append(r)
+    return sorted(groups.items(), key=lambda g: _order(g[0]))
+
+
+def aggregate(results: Sequence[dict]) -> list[dict]:
+    """One row per (model, scale, method, budget), ordered by model, scale, budget (MACs kept,
+    largest first) and method name: the keys,
+    `n` (runs), `seeds`, `test_images` and {metric: Stat or None} for every name in METRICS."""
     rows = []
-    for (model, scale, method, budget), rs in sorted(groups.items(), key=lambda g: _order(g[0])):
+    for (model, scale, method, budget), rs in _grouped(results):
         row: dict[str, Any] = {"model": model, "scale": scale, "method": method,
                                "budget": budget, "n": len(rs),
                                "seeds": sorted({r.get("seed") for r in rs}, key=str),
@@ -183,11 +196,25 @@ _COLUMNS = [("dense", "dense", 2), ("sparse", "sparse", 2), ("removed", "removed
             ("ideal", "ideal", 2)]
 
 
+def _check_fmt(fmt: str) -> None:
+    if fmt not in ("markdown", "text"):
+        raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
+
+
+def _render(head: Sequence[str], body: Sequence[Sequence[str]], fmt: str) -> list[str]:
+    """The lines of a markdown table, or of aligned plain-text columns (fmt='text')."""
+    if fmt == "markdown":
+        esc = lambda cells: " | ".join(c.replace("|", "\\|") for c in cells)  # noqa: E731
+        return ["| " + esc(head) + " |", "|" + "---|" * len(head)] + [f"| {esc(c)} |"
+                                                                       for c in body]
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    return ["  ".join(x.ljust(n) for x, n in zip(line, w)).rstrip() for line in (head, *body)]
+
+
 def table(rows: Sequence[dict], fmt: str = "markdown") -> str:
     """The rows as a markdown table (fmt='markdown') or aligned plain text (fmt='text'); model
     and scale get a column only when they vary. Cells are mean ± std (± left out for n = 1)."""
-    if fmt not in ("markdown", "text"):
-        raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
+    _check_fmt(fmt)
     keys = [k for k in ("model", "scale") if len({r[k] for r in rows}) > 1]
     head = [*keys, "method", "budget", "n", *(h for _, h, _ in _COLUMNS), "minutes"]
     body = []
@@ -198,13 +225,7 @@ def table(rows: Sequence[dict], fmt: str = "markdown") -> str:
         cells.append(Stat(s.mean / 60, s.std / 60 if s.std is not None else None, s.n).cell(1)
                      if s else "")
         body.append(cells)
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-    else:
-        w = [max(len(x) for x in col) for col in zip(head, *body)]
-        lines = ["  ".join(x.ljust(n) for x, n in zip(line, w)).rstrip()
-                 for line in (head, *body)]
+    lines = _render(head, body, fmt)
     notes = ["", "Accuracies in %, mean ± sample std over the n runs (seeds); MACs and params "
              "as fractions of dense; speedup@64 = measured dense / pruned latency at batch 64, "
              "ideal = dense / pruned MACs."]
@@ -214,6 +235,248 @@ def table(rows: Sequence[dict], fmt: str = "markdown") -> str:
                      f"about {standard_error(dense.mean, n_img):.2f} points at "
                      f"{dense.mean:.1f}%.")
     return "\n".join(lines + notes)
+
+
+# -- choices: what explains the differences between methods ------------------------------------
+DECISIONS: dict[str, str] = {
+    "bar": "global: eval gates at 0, then lowest log-alpha",
+    "dmc": "global: gates at 0, then lowest theta",
+    "eagleeye": "search: best of random per-layer L1 rates (adaptive-BN score)",
+    "gal": "global: masks at 0, then lowest m (whole blocks on ResNets)",
+    "gbn": "global Taylor ranking, tick-tock masks until the target",
+    "gdp": "global: gates at 0, then lowest |theta|",
+    "greg": "per-layer preset set (uniform rate) penalized, then global mean |w|",
+    "l1": "uniform per-layer rate, lowest filter L1",
+    "l1_global": "global ranking of filter L1",
+    "ns": "global ranking of |gamma|",
+    "oicsr": "global greedy by out-in group energy",
+    "oto": "global: zero groups, then lowest group norm",
+    "pr": "global ranking of gamma (paper: histogram valley)",
+    "resrep": "global ranking of compactor-row norms, masked in the phase",
+    "rsnli": "global: gamma at 0 (constant folded), then lowest |gamma|",
+    "scop": "uniform per-layer rate of |gamma| (2 lambda - 1)",
+    "scp": "global ranking of z (1 - P(off))",
+    "ssl": "global ranking of min(filter, channel group norm)",
+    "sss": "global: lambda at 0, then lowest lambda (whole blocks on ResNets)",
+}
+"""How each registered method chooses the channels to remove under a MACs budget (what
+`prunelib sweep` runs): 'global' = one ranking across all prunable layers, 'uniform per-layer
+rate' = the same fraction of every layer, 'preset' = a pruned set fixed before the phase,
+'search' = candidate layer-wise rates scored on held-out data; 'at 0' = exact zeros (their
+removal does not change the output) go first. From each method's module docstring."""
+
+OWN_DECISIONS: dict[str, str] = {
+    "bar": "own: eval gates exactly 0",
+    "dmc": "own: gates exactly 0",
+    "gal": "own: masks exactly 0",
+    "gbn": "own: the channels tick-tock masked",
+    "gdp": "own: gates exactly 0",
+    "greg": "own: the preset pruned set",
+    "oto": "own: zero groups (exact)",
+    "pr": "own: histogram valley of gamma",
+    "resrep": "own: compactor rows with norm < 1e-5",
+    "rsnli": "own: gamma exactly 0, constant folded",
+    "scp": "own: P(off) >= tau",
+    "ssl": "own: zero filter or channel groups",
+    "sss": "own: lambda exactly 0",
+}
+"""The rule of a run without a budget (`target.own_rule`: `finish(model, None)`), for the
+methods that have one."""
+
+NO_SPARSE_PHASE = frozenset({"l1", "l1_global", "eagleeye"})
+"""Methods whose `regularize` trains nothing (one-shot or a search): no sparse-phase cost."""
+
+
+def _residual(method: str, runs: Sequence[dict]) -> str:
+    """The residual policy of the runs: hparams['residual'], else the class's default."""
+    vals = {(r.get("hparams") or {}).get("residual") for r in runs}
+    if None in vals:
+        vals.discard(None)
+        try:
+            from . import methods
+            vals.add(methods.get(method).residual)
+        except (KeyError, ValueError, TypeError):
+            vals.add("?")
+    return " / ".join(sorted(vals))
+
+
+def _num(x: Any) -> str:
+    return f"{x:.3g}" if _number(x) else str(x)
+
+
+def _strength(runs: Sequence[dict]) -> str:
+    """'<rule>: p=v, ...' (a range lo-hi where the runs differ), or "paper's values" when the
+    method kept its own (the 'method' rule)."""
+    out = []
+    for rule in dict.fromkeys((r.get("strength") or {}).get("rule") for r in runs):
+        rs = [r for r in runs if (r.get("strength") or {}).get("rule") == rule]
+        if rule is None:
+            out.append("?")
+            continue
+        if rule == "method":
+            whys = {r["strength"].get("why", "") for r in rs}
+            out.append("paper's values" if whys <= {"", "the paper's values (full scale)"} else
+                       "paper's values (no rule)" if all(w.startswith("no rule") for w in whys)
+                       else "method's values (" + "; ".join(sorted(whys)) + ")")
+            continue
+        params: dict[str, list] = {}
+        for r in rs:
+            for k, v in (r["strength"].get("params") or {}).items():
+                params.setdefault(k, []).append(v)
+        cells = []
+        for k, vs in params.items():
+            nums = [v for v in vs if _number(v)]
+            if len(nums) == len(vs) and min(nums) != max(nums):
+                cells.append(f"{k}={min(nums):.3g}-{max(nums):.3g}")
+            else:
+                cells.append(f"{k}={_num(vs[0])}")
+        out.append(f"{rule}: {', '.join(cells)}" if cells else str(rule))
+    return "; ".join(out)
+
+
+def _decision(method: str, runs: Sequence[dict]) -> str:
+    if any(r["target"].get("own_rule") for r in runs):
+        return OWN_DECISIONS.get(method, "own: the method's finish(model, None)")
+    return DECISIONS.get(method, "?")
+
+
+def recal_gain(r: dict) -> float:
+    """Accuracy recalibrated - removed (points): what BN recalibration alone recovers."""
+    return r["accuracy"]["recalibrated"] - r["accuracy"]["removed"]
+
+
+def sparse_cost(r: dict) -> float | None:
+    """Seconds per epoch of the sparse phase / seconds per epoch of fine-tuning; None when the
+    run has no sparse phase (reg_epochs 0, or a method in NO_SPARSE_PHASE) or no timing."""
+    st, s = r.get("settings") or {}, r["seconds"]
+    reg_ep, ft_ep = st.get("reg_epochs"), st.get("ft_epochs")
+    reg_s, ft_s = s.get("regularize"), s.get("finetune")
+    if (r["method"] in NO_SPARSE_PHASE
+            or not all(_number(x) and x > 0 for x in (reg_ep, ft_ep, reg_s, ft_s))):
+        return None
+    return (reg_s / reg_ep) / (ft_s / ft_ep)
+
+
+def realized_share(r: dict) -> float | None:
+    """(measured batch-64 speedup - 1) / (ideal speedup - 1), ideal = dense / pruned MACs: the
+    share of the MACs reduction that became wall-clock time (1 = all of it, 0 = none); None
+    without a latency measurement or when no MACs were removed."""
+    measured, ideal = _speedup(r), METRICS["ideal"](r)
+    if measured is None or ideal is None or ideal <= 1 + 1e-9:
+        return None
+    return (measured - 1) / (ideal - 1)
+
+
+def choices(results: Sequence[dict]) -> list[dict]:
+    """One row per (model, scale, method, budget), ordered as `aggregate`: the choices that
+    explain why methods differ at the same budget. Keys: model, scale, method, budget, n and
+
+    residual     the residual policy (hparams['residual'], else the method class's `residual`):
+                 'internal' = only channels with a single producing layer are pruned (the inner
+                 channels of a residual block; the ResNet trunk keeps its width); 'coupled' =
+                 also the trunk channels tied together by residual additions, removed jointly
+                 across a stage. Several values are joined with ' / '.
+    strength     the rule that set the regularizer's strength and the values it set
+                 ('target drift: lam=2.48', a lo-hi range when the runs differ), or "paper's
+                 values" when the method kept its own ('(no rule)': prunelib.strength has no
+                 rule for it, e.g. l1, or the method plans its own phase; "method's values
+                 (why)" when the caller kept them at a short scale).
+    decision     how channels were chosen (DECISIONS; OWN_DECISIONS for runs without a budget).
+    recal_gain   Stat of accuracy recalibrated - removed (points): what re-estimating the BN
+                 statistics alone recovers after removal (large: stale statistics, not a
+                 destroyed function).
+    sparse_cost  Stat of (seconds per sparse-phase epoch) / (seconds per fine-tuning epoch), or
+                 None without a sparse phase (reg_epochs 0, l1, l1_global, EagleEye).
+    realized     Stat of (measured batch-64 speedup - 1) / (ideal - 1), ideal = dense MACs /
+                 pruned MACs: the share of the ideal speedup realized on the device.
+    """
+    rows = []
+    for (model, scale, method, budget), rs in _grouped(results):
+        rows.append({"model": model, "scale": scale, "method": method, "budget": budget,
+                     "n": len(rs), "residual": _residual(method, rs),
+                     "strength": _strength(rs), "decision": _decision(method, rs),
+                     "recal_gain": Stat.of([recal_gain(r) for r in rs]),
+                     "sparse_cost": Stat.of([sparse_cost(r) for r in rs]),
+                     "realized": Stat.of([realized_share(r) for r in rs])})
+    return rows
+
+
+def choices_table(rows: Sequence[dict], fmt: str = "markdown") -> str:
+    """The rows of `choices` as a markdown table (or aligned text, fmt='text'), one line per
+    method and budget, and a note saying what each column means; model and scale get a column
+    only when they vary."""
+    _check_fmt(fmt)
+    keys = [k for k in ("model", "scale") if len({r[k] for r in rows}) > 1]
+    head = [*keys, "method", "budget", "n", "residual", "strength", "decision",
+            "recal. gain", "sparse/ft cost per epoch", "realized speedup share"]
+    body = []
+    for r in rows:
+        cells = [str(r[k]) for k in keys] + [r["method"], r["budget"], str(r["n"])]
+        cells += [r["residual"], r["strength"], r["decision"]]
+        cells += [r[k].cell(2) if r[k] else "-" for k in ("recal_gain", "sparse_cost",
+                                                          "realized")]
+        body.append(cells)
+    notes = ["", "residual: 'internal' prunes only channels with one producing layer (the "
+             "ResNet trunk keeps its width), 'coupled' also the trunk channels tied by residual "
+             "additions. strength: the rule that set the penalty for this schedule and its "
+             "values, or the paper's values. decision: how the channels to remove were chosen. "
+             "recal. gain: accuracy points recovered by BN recalibration alone (recalibrated - "
+             "removed). sparse/ft cost per epoch: seconds per sparse-phase epoch / seconds per "
+             "fine-tuning epoch ('-': no sparse phase). realized speedup share: (measured "
+             "batch-64 speedup - 1) / (ideal - 1), ideal = dense / pruned MACs. Mean ± sample "
+             "std over the n runs."]
+    return "\n".join(_render(head, body, fmt) + notes)
+
+
+# -- what the papers report (not measured here) --------------------------------------------------
+REPORTED_CAVEATS: list[str] = [
+    "Baselines differ: the papers start from ResNet-56 at 93.1-93.8% (93.4-93.8% among the "
+    "verified entries; ImageNet ResNet-50 at 76.1-77.2%), prunelib's runs from its ResNet-20 "
+    "at about 91.2%.",
+    "Schedules differ: 160-480 epochs of sparse training and fine-tuning in the papers, "
+    "3 + 3 epochs at the bench scale here.",
+    "FLOPs are counted by each paper's own convention (MACs or 2x MACs, with or without BN, "
+    "shortcuts and the classifier); prunelib counts conv and linear MACs.",
+    "Papers often give the best of several runs or an unstated number of seeds; a sweep here "
+    "reports one seed (or mean ± std over a few).",
+    "Models differ: ResNet-56, VGG-16 or ResNet-50 in the papers, ResNet-20 here; a deeper "
+    "or wider network usually loses less accuracy at the same FLOPs reduction.",
+]
+"""Why the reported table and prunelib's measured table can disagree."""
+
+
+def reported_table(fmt: str = "markdown", methods: Iterable[str] | None = None, *,
+                   caveats: bool = False) -> str:
+    """The verified results the papers report (`prunelib.reported.REPORTED`), under a heading
+    line that says they were not measured by prunelib; `caveats=True` appends REPORTED_CAVEATS
+    as a list. `methods` keeps only those method names. Columns: method, model, dataset,
+    baseline and pruned top-1 accuracy (%), their difference, FLOPs and params reductions (%),
+    source tag, note."""
+    from .reported import REPORTED
+    _check_fmt(fmt)
+    keep = None if methods is None else set(methods)
+    entries = [e for e in REPORTED if keep is None or e.method in keep]
+    heading = ("Reported by the papers or named re-implementations, NOT measured by prunelib: "
+               "other baselines, models, schedules and FLOPs conventions; compare the "
+               "differences to each paper's own baseline, not absolute accuracies.")
+    if fmt == "markdown":
+        heading = f"**{heading}**"
+    if not entries:
+        return heading + "\n\n(no verified reported result for these methods)"
+    head = ["method", "model", "dataset", "baseline", "pruned", "pruned - baseline", "FLOPs↓",
+            "params↓", "source", "note"]
+    pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"  # noqa: E731
+    body = [[e.method, e.model, e.dataset, f"{e.baseline:.2f}" if e.baseline is not None else "-",
+             f"{e.pruned:.2f}",
+             f"{e.pruned - e.baseline:+.2f}" if e.baseline is not None else "-",
+             pct(e.flops_reduction), pct(e.params_reduction), e.source, e.note]
+            for e in entries]
+    lines = [heading, "", *_render(head, body, fmt)]
+    if caveats:
+        bullet = "- " if fmt == "markdown" else "* "
+        lines += ["", "Why these numbers and the measured table can differ:",
+                  *(bullet + c for c in REPORTED_CAVEATS)]
+    return "\n".join(lines)
 
 
 # -- figures ------------------------------------------------------------------------------------

@@ -380,7 +380,8 @@ def choices(results: Sequence[dict]) -> list[dict]:
                  ('target drift: lam=2.48', a lo-hi range when the runs differ), or "paper's
                  values" when the method kept its own ('(no rule)': prunelib.strength has no
                  rule for it, e.g. l1, or the method plans its own phase; "method's values
-                 (why)" when the caller kept them at a short scale).
+                 (why)" when the caller kept them at a short scale); '- (no penalty)' for
+                 the methods without a sparse phase (NO_SPARSE_PHASE).
     decision     how channels were chosen (DECISIONS; OWN_DECISIONS for runs without a budget).
     recal_gain   Stat of accuracy recalibrated - removed (points): what re-estimating the BN
                  statistics alone recovers after removal (large: stale statistics, not a
@@ -394,7 +395,8 @@ def choices(results: Sequence[dict]) -> list[dict]:
     for (model, scale, method, budget), rs in _grouped(results):
         rows.append({"model": model, "scale": scale, "method": method, "budget": budget,
                      "n": len(rs), "residual": _residual(method, rs),
-                     "strength": _strength(rs), "decision": _decision(method, rs),
+                     "strength": "- (no penalty)" if method in NO_SPARSE_PHASE
+                     else _strength(rs), "decision": _decision(method, rs),
                      "recal_gain": Stat.of([recal_gain(r) for r in rs]),
                      "sparse_cost": Stat.of([sparse_cost(r) for r in rs]),
                      "realized": Stat.of([realized_share(r) for r in rs])})

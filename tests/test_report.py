@@ -93,11 +93,14 @@ def test_strength_names_the_rule_and_its_values_or_the_papers() -> None:
         result("pr", strength={"rule": "target drift", "params": {"lam": 1e-3, "t": 1.4}}),
         result("l1", strength={"rule": "method", "why": "no rule: the method plans its own "
                                                         "phase"}),
+        result("dmc", strength={"rule": "method", "why": "no rule: the method plans its own "
+                                                         "phase"}),
         result("ssl", strength={"rule": "method", "why": "the paper's values (full scale)"}),
         result("sss", strength={"rule": "given", "params": {"gamma": 0.05}})])
     assert row_of(rows, "ns")["strength"] == "target drift: lam=2.48-3"
     assert row_of(rows, "pr")["strength"] == "target drift: lam=0.001, t=1.4"
-    assert row_of(rows, "l1")["strength"] == "paper's values (no rule)"
+    assert row_of(rows, "l1")["strength"] == "- (no penalty)"
+    assert row_of(rows, "dmc")["strength"] == "paper's values (no rule)"
     assert row_of(rows, "ssl")["strength"] == "paper's values"
     assert row_of(rows, "sss")["strength"] == "given: gamma=0.05"
 
@@ -140,7 +143,7 @@ def test_choices_table_shows_the_columns_in_markdown_and_text() -> None:
     line = next(x for x in md.splitlines() if x.startswith("| ns | macs 0.5 |"))
     assert line == ("| ns | macs 0.5 | 2 | internal | target drift: lam=2.5 | global ranking "
                     "of \\|gamma\\| | 25.00 ± 7.07 | 2.50 ± 0.71 | 0.50 ± 0.00 |")
-    assert "| l1 | macs 0.5 | 1 | internal | paper's values (no rule) |" in md
+    assert "| l1 | macs 0.5 | 1 | internal | - (no penalty) |" in md
     assert next(x for x in md.splitlines() if x.startswith("| l1 ")).endswith(
         "| 30.00 | - | 0.50 |")
     assert "realized speedup share: (measured batch-64 speedup - 1) / (ideal - 1)" in md

@@ -199,8 +199,9 @@ for budget in ("macs 0.5", "macs 0.3"):
 # first line names the best), the plain per-layer magnitude baseline ends 3.25 below (87.93%);
 # and most regularizers do *not* beat that baseline right after removal: NS, SSS, OTO, SCOP
 # and ResRep fall to 10–15%, as `l1` does (17.7%). GREG is the exception that explains the
-# rule: 82.7% right after removal, 86.9% after BN recalibration, 88.5% tuned. Three things separate this protocol from
-# the one that set the bar, and the table lets us say which matter:
+# rule: 82.7% right after removal, 86.9% after BN recalibration, 88.5% tuned. Three things
+# separate this protocol from the one that set the bar, and the table lets us say which
+# matter:
 #
 # * **The sparse phase is short.** 3 epochs at lr 0.01 (cosine) sum to a learning rate of 5.75;
 #   the papers' schedules sum to hundreds. A penalty applied to *every* channel (NS's

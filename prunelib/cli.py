@@ -228,12 +228,14 @@ def _method(args: argparse.Namespace) -> Any:
 
 
 def _budget(args: argparse.Namespace) -> Any:
-    """The Budget of --target-macs / --percent / --threshold (at most one; default macs 0.5)."""
+    """The Budget of --target-macs / --percent / --threshold (at most one; default macs 0.5),
+    with --multiple's rounding of the kept channels when given."""
     from .select import Budget
     given = {k: v for k, v in (("macs", args.target_macs), ("percent", args.percent),
                                ("threshold", args.threshold)) if v is not None}
+    rounding = {"multiple": args.multiple} if getattr(args, "multiple", None) else {}
     try:
-        return Budget(**(given or {"macs": 0.5}))
+        return Budget(**(given or {"macs": 0.5}), **rounding)
     except ValueError as e:
         raise UsageError(f"budget: {e}") from None
 
@@ -307,6 +309,9 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="instead: remove this fraction of the scored channels, in [0, 1)")
     budget.add_argument("--threshold", type=_FINITE, default=None,
                         help="instead: remove channels whose score is <= this")
+    p.add_argument("--multiple", type=_COUNT, default=None,
+                   help="every pruned layer keeps a multiple of this many channels (or all), "
+                        "e.g. 8 for faster kernels")
     p.add_argument("--scale", default="quick", choices=list(SCALES))
     p.add_argument("--reg-epochs", type=_NONNEG, default=None,
                    help="override the scale's (0: no sparse phase)")

@@ -52,6 +52,7 @@ RUN_ERRORS = [
     (["--method", "ns", "--seed", "-3"], "argument --seed: must be an integer >= 0, got -3"),
     (["--method", "ns", "--seed", "1.5"], "argument --seed: must be an integer >= 0, got '1.5'"),
     (["--method", "ns", "--scale", "huge"], "argument --scale: invalid choice: 'huge'"),
+    (["--method", "ns", "--multiple", "0"], "argument --multiple: must be an integer >= 1"),
     (["--method", "ns", "--out", "/proc/x/y.json"], "--out '/proc/x/y.json' is not writable"),
     (["--method", "ns", "--device", "gpu7"], "--device 'gpu7' is not a device"),
     (["--method", "ns", "--data", "/no/such/folder"], "--data /no/such/folder is not a folder"),
@@ -200,3 +201,13 @@ def test_run_end_to_end_writes_complete_json_and_model(tmp_path: Path,
     small, meta = pl.load_pruned(get_model("resnet20"), save)
     assert pl.count(small, torch.randn(1, 3, 32, 32))[0] == res["pruned"]["macs"]
     assert meta["method"] == "l1"
+
+
+def test_run_multiple_rounds_the_budget_s_kept_channels() -> None:
+    import argparse
+    from prunelib.cli import _budget
+    from prunelib.select import Budget
+    args = argparse.Namespace(target_macs=0.4, percent=None, threshold=None, multiple=8)
+    assert _budget(args) == Budget(macs=0.4, multiple=8)
+    assert _budget(argparse.Namespace(target_macs=None, percent=None, threshold=None,
+                                      multiple=None)) == Budget(macs=0.5)

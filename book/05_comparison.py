@@ -128,7 +128,7 @@ print("commands  :", *sorted({r.get("command", "?") for r in results}), sep="\n 
 NAMES = sorted(pl.methods.names())
 planned = {(m, b, 0) for m in NAMES for b in (0.5, 0.3)}
 planned |= {(m, 0.5, s) for m in ("l1", "ns", "resrep") for s in (1, 2)}
-have = {(r["method"], r["target"]["macs"], r["seed"]) for r in results}
+have = {(report.row_name(r), r["target"]["macs"], r["seed"]) for r in results}
 missing = sorted(planned - have)
 print(f"{len(planned & have)} of {len(planned)} planned runs committed; "
       f"methods at 50%: {len({m for m, b, _ in have if b == 0.5})} of {len(NAMES)}")
@@ -381,7 +381,7 @@ show(report.choices_table(report.choices(results)))
 # squeeze through, which no amount of fine-tuning in three epochs repairs.
 
 # %%
-at50 = {r["method"]: r for r in results if r["target"]["macs"] == 0.5 and r["seed"] == 0}
+at50 = {report.row_name(r): r for r in results if r["target"]["macs"] == 0.5 and r["seed"] == 0}
 convs = [k for k in first["dense_widths"] if k != "fc"]
 kept = np.array([[at50[m]["widths"].get(k, 0) / at50[m]["dense_widths"][k] for k in convs]
                  for m in sorted(at50)])                   # 0: the layer's block was removed
@@ -528,6 +528,8 @@ assert not _names(method_row) & {"report", "aggregate", "Stat", "table", "fmean"
 assert method_row(results, "no-such-method", 0.5) is None
 _n = 0
 for _r in report.aggregate(results):
+    if _r["method"] not in pl.methods.names():              # a sweep variant (ns+key=value)
+        continue
     _b = float(_r["budget"].split()[1])
     _mine = method_row(results, _r["method"], _b)
     assert _mine is not None and _mine["n"] == _r["n"], (_r["method"], _b)

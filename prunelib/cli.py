@@ -204,11 +204,10 @@ def _value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def _method(args: argparse.Namespace) -> Any:
-    """The method named by --method, built with the --hp values; UsageError if it cannot be."""
-    from . import methods
+def _hparams(items: Sequence[str]) -> dict[str, Any]:
+    """--hp KEY=VALUE items as a dict; UsageError for a malformed, repeated or non-finite one."""
     hp: dict[str, Any] = {}
-    for item in args.hp:
+    for item in items:
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key:
@@ -218,6 +217,13 @@ def _method(args: argparse.Namespace) -> Any:
         hp[key] = _value(text)
         if isinstance(hp[key], float) and not math.isfinite(hp[key]):
             raise UsageError(f"--hp {item}: hyperparameters must be finite numbers")
+    return hp
+
+
+def _method(args: argparse.Namespace) -> Any:
+    """The method named by --method, built with the --hp values; UsageError if it cannot be."""
+    from . import methods
+    hp = _hparams(args.hp)
     try:
         return methods.get(args.method, **hp)
     except KeyError as e:
@@ -412,10 +418,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             Budget(macs=b)
         except ValueError as e:
             raise UsageError(f"--budgets: {e}") from None
+    hp = _hparams(args.hp)
+    for name in names:                  # every method of the grid must take the --hp values
+        try:
+            methods.get(name, **hp)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--methods {name} {' '.join('--hp ' + h for h in args.hp)}: "
+                             f"{e.args[0] if isinstance(e, KeyError) and e.args else e}"
+                             ) from None
     overrides = {k: v for k, v in (("reg_epochs", args.reg_epochs),
                                    ("ft_epochs", args.ft_epochs)) if v is not None}
     grid = sweep.Grid(tuple(names), tuple(args.budgets), tuple(args.seeds), args.model,
-                      args.scale, overrides)
+                      args.scale, overrides, hp)
     scale = grid.settings()
     device = _device(args.device)
     folder = _folder(args.out, "--out")
@@ -483,6 +497,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="override the scale's (0: no sparse phase)")
     p.add_argument("--ft-epochs", type=_NONNEG, default=None,
                    help="override the scale's (0: no fine-tuning)")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter for every method of the grid (repeatable): the runs "
+                        "are a variant, e.g. ns+residual=coupled, reported as a row of its own")
     p.add_argument("--out", required=True, metavar="FOLDER", help="results folder")
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs, finished or to run, and stop")

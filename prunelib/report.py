@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .results import PHASES, standard_error
 
-__all__ = ["ResultError", "Stat", "read_result", "load_results", "aggregate", "table",
+__all__ = ["ResultError", "Stat", "read_result", "row_name", "load_results", "aggregate", "table",
            "choices", "choices_table", "DECISIONS", "OWN_DECISIONS", "reported_table",
            "REPORTED_CAVEATS", "write_figures", "plot_accuracy_vs_macs",
            "plot_removed_vs_tuned", "plot_speedup", "plot_wall_time", "FIGURES"]
@@ -166,18 +166,26 @@ def _order(key: tuple) -> tuple:
             method)
 
 
+def row_name(r: dict) -> str:
+    """The row a result belongs to: its method, or its variant (``ns+residual=coupled``) when
+    the sweep that made it set hyperparameters (`sweep.Grid.hparams`)."""
+    v = r.get("variant")
+    return v if isinstance(v, str) and v else r["method"]
+
+
 def _grouped(results: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
-    """(model, scale, method, budget) -> its runs, in the order of `_order`."""
+    """(model, scale, row name, budget) -> its runs, in the order of `_order`."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        key = (r.get("model", ""), r.get("scale", ""), r["method"], _budget(r))
+        key = (r.get("model", ""), r.get("scale", ""), row_name(r), _budget(r))
         groups.setdefault(key, []).append(r)
     return sorted(groups.items(), key=lambda g: _order(g[0]))
 
 
 def aggregate(results: Sequence[dict]) -> list[dict]:
     """One row per (model, scale, method, budget), ordered by model, scale, budget (MACs kept,
-    largest first) and method name: the keys,
+    largest first) and method name (a sweep variant's `row_name`, e.g. 'ns+residual=coupled',
+    is a row of its own): the keys,
     `n` (runs), `seeds`, `test_images` and {metric: Stat or None} for every name in METRICS."""
     rows = []
     for (model, scale, method, budget), rs in _grouped(results):
@@ -393,10 +401,11 @@ def choices(results: Sequence[dict]) -> list[dict]:
     """
     rows = []
     for (model, scale, method, budget), rs in _grouped(results):
+        base = rs[0]["method"]                       # a variant's method (ns+... -> ns)
         rows.append({"model": model, "scale": scale, "method": method, "budget": budget,
-                     "n": len(rs), "residual": _residual(method, rs),
-                     "strength": "- (no penalty)" if method in NO_SPARSE_PHASE
-                     else _strength(rs), "decision": _decision(method, rs),
+                     "n": len(rs), "residual": _residual(base, rs),
+                     "strength": "- (no penalty)" if base in NO_SPARSE_PHASE
+                     else _strength(rs), "decision": _decision(base, rs),
                      "recal_gain": Stat.of([recal_gain(r) for r in rs]),
                      "sparse_cost": Stat.of([sparse_cost(r) for r in rs]),
                      "realized": Stat.of([realized_share(r) for r in rs])})

@@ -34,7 +34,7 @@ from .fileio import atomic_write_text
 from .pipeline import Scale, get_scale
 
 __all__ = ["Grid", "Planned", "SweepError", "SweepResult", "run_name", "plan", "sweep",
-           "git_commit"]
+           "git_commit", "variant"]
 
 
 class SweepError(ValueError):
@@ -44,13 +44,17 @@ class SweepError(ValueError):
 @dataclass(frozen=True)
 class Grid:
     """methods x budgets (fractions of dense MACs kept) x seeds, for one model and scale.
-    `overrides` replace fields of the scale (e.g. {'ft_epochs': 1}) for every run."""
+    `overrides` replace fields of the scale (e.g. {'ft_epochs': 1}) for every run. `hparams`
+    (e.g. {'residual': 'coupled'}) are given to every method of the grid: each run is then a
+    *variant*, named and reported as ``<method>+key=value`` (an ablation row next to the
+    method's own)."""
     methods: tuple[str, ...]
     budgets: tuple[float, ...]
     seeds: tuple[int, ...] = (0,)
     model: str = "resnet20"
     scale: str = "bench"
     overrides: dict[str, Any] = field(default_factory=dict)
+    hparams: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> Scale:
         """The scale every run uses, with `overrides` applied."""
@@ -60,15 +64,24 @@ class Grid:
     def specs(self) -> list[dict]:
         """One spec per run, seed-major (data is loaded once per seed), then budget, method."""
         settings = asdict(self.settings())
+        extra = {"hparams": dict(sorted(self.hparams.items()))} if self.hparams else {}
         return [{"model": self.model, "scale": self.scale, "method": m, "budget": float(b),
-                 "seed": int(s), "settings": settings}
+                 "seed": int(s), "settings": settings, **extra}
                 for s in self.seeds for b in self.budgets for m in self.methods]
 
 
+def variant(spec: dict) -> str:
+    """The row name of a run: its method, plus ``+key=value`` for every hyperparameter the
+    grid set (`Grid.hparams`), e.g. ``ns+residual=coupled``."""
+    hp = spec.get("hparams") or {}
+    return spec["method"] + "".join(f"+{k}={v}" for k, v in sorted(hp.items()))
+
+
 def run_name(spec: dict) -> str:
-    """The file name of a run: ``<model>-<scale>-<method>-macs<budget>-seed<seed>.json``
-    (the budget as Python's shortest exact float repr, so two budgets never share a name)."""
-    return (f"{spec['model']}-{spec['scale']}-{spec['method']}-macs{float(spec['budget'])!r}"
+    """The file name of a run: ``<model>-<scale>-<variant>-macs<budget>-seed<seed>.json``
+    (the variant is the method's name unless the grid sets hyperparameters, see `variant`; the
+    budget as Python's shortest exact float repr, so two budgets never share a name)."""
+    return (f"{spec['model']}-{spec['scale']}-{variant(spec)}-macs{float(spec['budget'])!r}"
             f"-seed{int(spec['seed'])}.json")
 
 
@@ -148,7 +161,7 @@ def _duration(seconds: float) -> str:
 
 
 def _label(spec: dict) -> str:
-    return f"{spec['method']} macs {spec['budget']:g} seed {spec['seed']}"
+    return f"{variant(spec)} macs {spec['budget']:g} seed {spec['seed']}"
 
 
 @dataclass
@@ -173,6 +186,7 @@ def sweep(grid: Grid, folder: str | Path, load_data: Callable[[int], Any],
     and the sweep goes on; the run's file is not written, so the next sweep retries it."""
     import torch
 
+    from . import methods
     from .pipeline import run
     from .select import Budget
     runs = plan(grid, folder)
@@ -196,7 +210,9 @@ def sweep(grid: Grid, folder: str | Path, load_data: Callable[[int], Any],
             model, info = load_model(data)
         t0 = time.time()
         try:
-            _, res = run(spec["method"], model, data, Budget(macs=spec["budget"]),
+            method = (methods.get(spec["method"], **spec["hparams"]) if spec.get("hparams")
+                      else spec["method"])
+            _, res = run(method, model, data, Budget(macs=spec["budget"]),
                          scale=grid.settings(), device=device, quiet=quiet, seed=spec["seed"],
                          measure_latency=measure_latency, dense_accuracy=dense_acc)
         except Exception as e:  # noqa: BLE001 -- one failed run must not end a long sweep
@@ -206,6 +222,8 @@ def sweep(grid: Grid, folder: str | Path, load_data: Callable[[int], Any],
             continue
         dense_acc = res["accuracy"]["dense"]
         res["seconds"]["total"] = time.time() - t0
+        if spec.get("hparams"):
+            res["variant"] = variant(spec)
         res = {"model": grid.model, **res,
                "baseline": {k: info[k] for k in ("path", "accuracy") if k in (info or {})},
                "run": spec, **meta, "threads": torch.get_num_threads()}

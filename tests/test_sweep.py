@@ -326,6 +326,10 @@ SWEEP_ERRORS = [
     (["--methods", "ns", "--ft-epochs", "-1"], "argument --ft-epochs: must be a finite number"),
     (["--methods", "ns", "--device", "gpu7"], "--device 'gpu7' is not a device"),
     (["--methods", "ns", "--data", "/no/such"], "--data /no/such is not a folder"),
+    (["--methods", "ns", "--hp", "lamb=1"], "--methods ns --hp lamb=1: .*lamb"),
+    (["--methods", "ns", "l1", "--hp", "lam=0.01"], "--methods l1 --hp lam=0.01: .*lam"),
+    (["--methods", "ns", "--hp", "lam"], "--hp expects KEY=VALUE, got 'lam'"),
+    (["--methods", "ns", "--hp", "lam=inf"], "--hp lam=inf: hyperparameters must be finite"),
 ]
 
 
@@ -397,3 +401,29 @@ def test_sweep_command_interrupted_keeps_finished_runs_and_says_how_to_resume(
     assert err.startswith("prunelib: interrupted;") and "Rerun the same command" in err
     assert "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["resnet20-quick-l1-macs0.6-seed0.json"]
+
+
+# -- variants: the same methods with hyperparameters set by the sweep (ablation rows) -----------
+def test_a_variant_grid_names_its_runs_and_keeps_the_plain_specs_unchanged() -> None:
+    plain, var = grid(), grid(hparams={"residual": "coupled"})
+    assert all("hparams" not in s for s in plain.specs())       # old result files still match
+    assert [run_name(s) for s in var.specs()][:2] == [
+        "tiny-quick-l1+residual=coupled-macs0.6-seed0.json",
+        "tiny-quick-ns+residual=coupled-macs0.6-seed0.json"]
+    assert all(s["hparams"] == {"residual": "coupled"} for s in var.specs())
+
+
+def test_a_variant_runs_with_its_hyperparameters_and_is_a_row_of_its_own(
+        tmp_path: Path, counted: list) -> None:
+    g = grid(methods=("ns",), seeds=(0,), hparams={"lam": 0.002})
+    run_sweep(grid(methods=("ns",), seeds=(0,)), tmp_path)
+    run_sweep(g, tmp_path)
+    assert counted[0] == "ns" and counted[1].name == "ns" and counted[1].lam == 0.002
+    res = report.read_result(tmp_path / "tiny-quick-ns+lam=0.002-macs0.6-seed0.json")
+    assert res["variant"] == "ns+lam=0.002" and res["hparams"]["lam"] == 0.002
+    assert res["strength"]["rule"] == "method"                # set by the caller: no rule
+    rows = report.aggregate(report.load_results([tmp_path]))
+    assert [r["method"] for r in rows] == ["ns", "ns+lam=0.002"]
+    ch = report.choices(report.load_results([tmp_path]))
+    assert [r["method"] for r in ch] == ["ns", "ns+lam=0.002"]
+    assert ch[1]["decision"] == ch[0]["decision"] == report.DECISIONS["ns"]

@@ -32,7 +32,7 @@ from torch import nn
 from . import methods
 from .data import Batches
 from .graph import channel_groups
-from .hookcost import _images, bench_overhead, overhead_rows
+from .hookcost import bench_overhead, overhead_rows, random_images
 from .hookcost import timed as _timed
 from .export import for_inference
 from .hookcost import quantiles
@@ -63,7 +63,7 @@ def hand_loop(model: nn.Module, batches: Batches, steps: int, lr: float = 0.05) 
 
 
 def bench_train(name: str, device: torch.device, steps: int, bs: int = 128) -> dict:
-    x, y = _images(bs * steps)
+    x, y = random_images(bs * steps)
     batches = Batches(x, y, bs, shuffle=True, augment=True, device=device)
     model = get_model(name).to(device).to(memory_format=torch.channels_last)
     ref = copy.deepcopy(model)
@@ -76,7 +76,7 @@ def bench_train(name: str, device: torch.device, steps: int, bs: int = 128) -> d
 
 
 def bench_data(device: torch.device, n: int = 20_000, bs: int = 128) -> float:
-    x, y = _images(n)
+    x, y = random_images(n)
     batches = Batches(x, y, bs, shuffle=True, augment=True, device=device)
     return n / _timed(lambda: [None for _ in batches], device)
 

@@ -37,7 +37,8 @@ from .methods.base import Context, Method
 from .models import get_model
 
 
-def _images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n random uint8 CIFAR-shaped images (n, 32, 32, 3) and labels: timing needs no data."""
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
             rng.integers(0, 10, n).astype(np.int64))
@@ -126,7 +127,7 @@ def bench_overhead(device: torch.device, steps: int, bs: int = 64, rounds: int =
     stage, annealing methods anneal over the timed steps, SCOP samples its knockoffs from a
     generator fitted on the bench's batches.
     """
-    x, y = _images(bs * 4)
+    x, y = random_images(bs * 4)
     batches = Batches(x, y, bs, shuffle=False, augment=False, device=device)
     data = list(batches)
     ex = data[0][0][:1]

@@ -271,8 +271,8 @@ for r in sorted((r for r in rows if r["budget"] == "macs 0.5"),
 # equalizer: several rows that collapsed to 10–35% end within about a point of `l1` after
 # three epochs (OTO, SCOP, ResRep, SSL); those that do not lost structure that three epochs
 # cannot rebuild — 3–4-channel bottlenecks from a global ranking (NS 79.9%, PR 81.5%; SCP,
-# 73.6%, kept 7 of 64 channels in the last stage's blocks), or whole blocks (SSS 70.1%, GAL
-# 84.4%). GBN is the one row where *removed* equals *sparse* (62.9%): it removes channels
+# 73.6%, kept 7 of 64 channels in two of the last stage's blocks), or whole blocks (SSS
+# 70.1%, GAL 84.4%). GBN is the one row where *removed* equals *sparse* (62.9%): it removes channels
 # during its phase, tick by tick, and the last removal is part of the phase.
 #
 # Does the accuracy right after removal predict the accuracy after fine-tuning? Kendall's

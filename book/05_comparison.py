@@ -360,7 +360,7 @@ for r in rows:
 # right panel is the price in training time: one bench run per method on this CPU, most of it
 # the same 3 + 3 epochs; the sparse phase's own cost (a teacher for GAL and BAR, a knockoff
 # batch for SCOP, EagleEye's search) shows as the difference. (Runs that shared the CPU with
-# another job for a few minutes — NS, GREG — show a few minutes more than they cost.)
+# another job for a few minutes — NS, GREG, PR, RSNLI — show a few minutes more than they cost.)
 
 # %% [markdown]
 # ## 7. Which choices explain the differences

@@ -198,8 +198,8 @@ for budget in ("macs 0.5", "macs 0.3"):
 # holds (the lines above). At 50% of the MACs no method comes within 0.8 points of dense (the
 # first line names the best), the plain per-layer magnitude baseline ends 3.25 below (87.93%);
 # and most regularizers do *not* beat that baseline right after removal: NS, PR, RSNLI, SSS,
-# GAL, OTO, SCOP and ResRep fall to 10–15%, as `l1` does (17.7%); SCP (18.7%), SSL (32.2%)
-# and GBN (62.9%, which prunes during its phase, tick by tick) keep more. GREG is the
+# GAL, OTO, SCOP and ResRep fall to 10–15%, as `l1` does (17.7%); SCP (18.7%), SSL (32.2%),
+# OICSR (45.7%) and GBN (62.9%, which prunes during its phase, tick by tick) keep more. GREG is the
 # exception that explains the rule: 82.7% right after removal, 86.9% after BN recalibration,
 # 88.5% tuned. Three things
 # separate this protocol from the one that set the bar, and the table lets us say which

@@ -279,8 +279,9 @@ for r in sorted((r for r in rows if r["budget"] == "macs 0.5"),
 # three epochs (OTO, SCOP, ResRep, SSL); those that do not lost structure that three epochs
 # cannot rebuild — 3–4-channel bottlenecks from a global ranking (NS 79.9%, PR 81.5%; SCP,
 # 73.6%, kept 7 of 64 channels in two of the last stage's blocks), or whole blocks (SSS
-# 70.1%, GAL 84.4%). GBN is the one row where *removed* equals *sparse* (62.9%): it removes channels
-# during its phase, tick by tick, and the last removal is part of the phase.
+# 70.1%, GAL 84.4%). Where *removed* equals *sparse*, removal was exact: GBN (62.9%) removes
+# channels during its phase, tick by tick, and DMC's gates are exactly 0 or 1 (24.6%, at 14%
+# of the MACs: Section 3); in both the loss was paid during the phase, not at removal.
 #
 # Does the accuracy right after removal predict the accuracy after fine-tuning? Kendall's
 # rank correlation τ across methods answers it (Exercise 5 writes it by hand): 1 when the two

@@ -199,9 +199,13 @@ for budget in ("macs 0.5", "macs 0.3"):
 # first line names the best), the plain per-layer magnitude baseline ends 3.25 below (87.93%);
 # and most regularizers do *not* beat that baseline right after removal: NS, PR, RSNLI, SSS,
 # GAL, OTO, SCOP and ResRep fall to 10–15%, as `l1` does (17.7%); SCP (18.7%), SSL (32.2%),
-# OICSR (45.7%) and GBN (62.9%, which prunes during its phase, tick by tick) keep more. GREG is the
-# exception that explains the rule: 82.7% right after removal, 86.9% after BN recalibration,
-# 88.5% tuned. Three things
+# OICSR (45.7%) and GBN (62.9%, which prunes during its phase, tick by tick) keep more. Two
+# methods separate the channels before removal: GDP, whose gates polarize to exactly 0 or 1
+# (85.4% right after removal, the same as its sparse model), and GREG: 82.7% right after
+# removal, 86.9% after BN recalibration, 88.5% tuned. GREG is the exception that explains the
+# rule; GDP shows that a lossless removal is not yet a good end point: it prunes the trunk
+# (stage 1's 16 trunk channels down to 6), and three epochs of fine-tuning only take it to
+# 86.4%. Three things
 # separate this protocol from the one that set the bar, and the table lets us say which
 # matter:
 #
@@ -262,9 +266,10 @@ for r in sorted((r for r in rows if r["budget"] == "macs 0.5"),
 # a group only once its norm is small, and its groups step without momentum, so the same
 # per-step push reaches about a tenth as far as NS's (chapter 2's rule keeps the *push* equal,
 # not the reach): its sparse model is as accurate as the dense one (91.3%) and removal cuts
-# live groups (15.4%). The method that separates best is GREG, whose penalty is not a
-# proximal step at all but a growing L2 on a preset set: by the end it has driven that set so
-# low that removing it costs 5.7 points, recalibration gives 4.2 of them back.
+# live groups (15.4%). The penalty that separates best is GREG's, which is not a proximal
+# step at all but a growing L2 on a preset set: by the end it has driven that set so low that
+# removing it costs 5.7 points, recalibration gives 4.2 of them back. (GDP's gates reach
+# exact zeros by another route: a smoothed-L0 gate whose ε is annealed to 0.)
 #
 # Three more things to read here. A small removal loss is not the same as a good method: a
 # method can reach exact zeros by destroying accuracy during the sparse phase itself (its
@@ -280,8 +285,9 @@ for r in sorted((r for r in rows if r["budget"] == "macs 0.5"),
 # cannot rebuild — 3–4-channel bottlenecks from a global ranking (NS 79.9%, PR 81.5%; SCP,
 # 73.6%, kept 7 of 64 channels in two of the last stage's blocks), or whole blocks (SSS
 # 70.1%, GAL 84.4%). Where *removed* equals *sparse*, removal was exact: GBN (62.9%) removes
-# channels during its phase, tick by tick, and DMC's gates are exactly 0 or 1 (24.6%, at 14%
-# of the MACs: Section 3); in both the loss was paid during the phase, not at removal.
+# channels during its phase, tick by tick, and GDP's and DMC's gates are exactly 0 or 1 (GDP
+# 85.4%; DMC 24.6%, at 14% of the MACs: Section 3); the loss was paid during the phase, not at
+# removal.
 #
 # Does the accuracy right after removal predict the accuracy after fine-tuning? Kendall's
 # rank correlation τ across methods answers it (Exercise 5 writes it by hand): 1 when the two

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prunelib.fileio import atomic_write_text  # noqa: E402
-from prunelib.report import load_results, row_name  # noqa: E402
+from prunelib.report import ResultError, load_results, row_name  # noqa: E402
 
 START, END = "<!-- costs:start -->", "<!-- costs:end -->"
 
@@ -50,9 +50,10 @@ def main(argv: list[str]) -> int:
         return 2
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    results = load_results([folder])
-    if not results:
-        print(f"bench_costs: error: no results in {folder}", file=sys.stderr)
+    try:
+        results = load_results([folder])
+    except ResultError as e:
+        print(f"bench_costs: error: {e}", file=sys.stderr)
         return 2
     atomic_write_text(readme, f"{head}{START}\n{cost_table(results)}\n{END}{tail}")
     print(f"{readme}: {len(results)} runs")

@@ -242,16 +242,17 @@ for budget in ("macs 0.5", "macs 0.3"):
 # $\partial L/\partial g = \sum \partial L/\partial z\,\mathrm{relu}(u)$ when off; DMC's 30%
 # run is left out of this folder until its rows can be rerun with that change.
 #
-# **At 30% of the MACs** (EagleEye's and DMC's runs are not in yet: Section 1) the spread grows.
-# GREG is again the best after fine-tuning (85.6%, 5.6 points below dense), then GDP (84.1%),
-# OICSR and SSL (83.9%, 83.8%), `l1` (83.4%), GBN (83.0%) and ResRep (82.8%). The methods that
-# decide by one global ranking of their scores fall much further than at 50%: NS 58.8%, PR 49.0%,
-# SCP 67.6%, RSNLI 74.0%, `l1_global` 74.4%. For `l1_global` the widths say why (six convs left
-# with 2–4 channels, the narrowest conv of every run is in its result's `widths`); for the four
-# BN methods narrowness alone does not (ResRep and OTO also left a 2-channel conv and end at
-# 82.8% and 81.3%), and what the four share is a penalty on BN's γ (NS's and PR's on every BN,
-# the trunk's included, as in their official code). Which of the two costs them the most is a
-# question for an ablation (the same method with a floor on each layer's width, or NS and PR with
+# **At 30% of the MACs** (DMC's run is not in yet: Section 1) the spread grows. GREG is again the
+# best after fine-tuning (85.6%, 5.6 points below dense), then EagleEye's searched layer-wise
+# rates (85.0%, at 30.3% of the MACs, a little over the target), GDP (84.1%), OICSR and SSL
+# (83.9%, 83.8%), `l1` (83.4%), GBN (83.0%) and ResRep (82.8%). The methods that decide by one
+# global ranking of their scores fall much further than at 50%: NS 58.8%, PR 49.0%, SCP 67.6%,
+# RSNLI 74.0%, `l1_global` 74.4%. For `l1_global` the widths say why (six convs left with 2–4
+# channels, the narrowest conv of every run is in its result's `widths`); for the four BN methods
+# narrowness alone does not (ResRep and OTO also left a 2-channel conv and end at 82.8% and
+# 81.3%), and what the four share is a penalty on BN's γ (NS's and PR's on every BN, the trunk's
+# included, as in their official code). Which of the two costs them the most is a question for an
+# ablation (the same method with a floor on each layer's width, or NS and PR with
 # `penalize='prunable'`) that this folder does not hold yet. SSS and GAL, which can only remove
 # whole blocks, overshoot to 24% of the MACs and end at 55.6% and 56.5%; BAR's barrier also
 # closed more than asked (25.5% of the MACs, 81.5% tuned). Right after removal, the two methods

@@ -36,6 +36,8 @@ def test_the_table_between_the_markers_is_rewritten_from_the_files_and_the_prose
 
 
 def test_a_readme_without_markers_or_a_folder_without_results_is_an_error(tmp_path):
+    out = subprocess.run(TOOL + [str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "README.md").write_text("no markers\n")
     out = subprocess.run(TOOL + [str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "markers" in out.stderr

@@ -44,6 +44,10 @@ def cost_table(results: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     folder = Path(argv[0]) if argv else ROOT / "book" / "results" / "bench"
     readme = folder / "README.md"
+    if not readme.is_file():
+        print(f"bench_costs: error: {readme} not found (the folder's README holds the table)",
+              file=sys.stderr)
+        return 2
     text = readme.read_text()
     if START not in text or END not in text:
         print(f"bench_costs: error: {readme} has no {START} ... {END} markers", file=sys.stderr)

@@ -362,6 +362,35 @@ def test_gate_fold_and_removal_are_exact_and_round_trip(name, shortcut, tmp_path
     assert pl.count(budget, x[:1])[0] <= 0.4 * pl.count(model, x[:1])[0]
 
 
+def activated_gate_grad_oracle(dmc, model: nn.Module, x, y, g: torch.Tensor) -> torch.Tensor:
+    """dL/dg for gates on the *activated* channels, z = g relu(u): a hook-free copy whose
+    conv2 inputs (relu(bn1)) or, for channels a block's conv2 adds to a zero-padded shortcut,
+    block outputs are multiplied by a leaf g,
+    L = CE + lam log(max(T, pT0) / pT0)."""
+    plain = copy.deepcopy(model)
+    dmc.st.strip(plain)
+    g = g.detach().clone().requires_grad_(True)
+    ext = torch.cat([g, g.new_ones(1)])                 # index n: a channel without a gate
+    inner = 0
+    for bn, idx in dmc.st._bn_index.items():
+        f = lambda idx=idx: ext[idx].view(1, -1, 1, 1)  # noqa: E731
+        if bn.endswith("bn1"):                          # relu(bn1) feeds conv2: gate its input
+            inner += 1
+            plain.get_submodule(bn[:-3] + "conv2").register_forward_pre_hook(
+                lambda _m, a, f=f: (a[0] * f(),))
+        else:     # a block's bn2 on option-A pad channels: the shortcut adds 0 there, so
+            # relu(g bn2 + 0) = g relu(bn2): gate the block's output
+            assert bn.endswith("bn2")
+            plain.get_submodule(bn[:-4]).register_forward_hook(
+                lambda _m, _a, out, f=f: out * f())
+    assert inner >= 2
+    ratio = dmc.st.soft_macs(dmc.mac, g) / dmc.mac.dense
+    loss = nn.functional.cross_entropy(plain(x), y) + dmc.lam * torch.log(
+        torch.clamp(ratio, min=dmc.target) / dmc.target)
+    loss.backward()
+    return g.grad
+
+
 def test_dmc_gates_are_binary_and_the_ste_gradient_is_dl_dg_inside_the_window():
     model, (x, y) = tiny_resnet(), batch()
     dmc, model = attached("dmc", model, x, lam=2.0, macs=0.5)
@@ -373,10 +402,15 @@ def test_dmc_gates_are_binary_and_the_ste_gradient_is_dl_dg_inside_the_window():
     (nn.functional.cross_entropy(model(x), y) + dmc.loss_term(model)).backward()
     th = dmc.theta.detach()
     g = (th > 0).float()
-    dg = gate_grad_oracle(dmc, model, x, y, g)
+    dg = activated_gate_grad_oracle(dmc, model, x, y, g)
     assert dmc.loss_term(model) > 0
     torch.testing.assert_close(dmc.theta.grad, dg * (th.abs() <= 1).float(),
                                rtol=1e-4, atol=1e-7)
+    # an off gate still hears the loss (a gate folded before the ReLU would get exactly 0)
+    off = (th <= 0) & (th >= -1)
+    assert off.any() and (dmc.theta.grad[off] != 0).all()
+    dmc.lam = 0.0                                       # the loss's part alone
+    assert (gate_grad_oracle(dmc, model, x, y, g)[th <= 0] == 0).all()
     # the resource term by hand from the count of the hard-gated, pruned model
     t = pl.count(dmc.finish(model, None), x[:1])[0]
     p_t0 = 0.5 * pl.count(model, x[:1])[0]

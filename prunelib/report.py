@@ -2,6 +2,7 @@
 
     results = load_results(["results/"])          # folders (their *.json) or JSON files
     rows = aggregate(results)                     # one row per (model, scale, method, budget)
+                                                  # (and settings, where runs differ in them)
     print(table(rows))                            # markdown (or fmt='text')
     write_figures(rows, "report/")                # four PNGs, written atomically
     print(choices_table(choices(results)))        # residual policy, strength, decision rule...
@@ -27,13 +28,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .results import PHASES, standard_error
 
-__all__ = ["ResultError", "Stat", "read_result", "row_name", "load_results", "aggregate", "table",
+__all__ = ["ResultError", "Stat", "read_result", "row_name", "settings_note", "load_results",
+           "aggregate", "table",
            "choices", "choices_table", "DECISIONS", "OWN_DECISIONS", "reported_table",
            "REPORTED_CAVEATS", "write_figures", "plot_accuracy_vs_macs",
            "plot_removed_vs_tuned", "plot_speedup", "plot_wall_time", "FIGURES"]
@@ -173,19 +175,44 @@ def row_name(r: dict) -> str:
     return v if isinstance(v, str) and v else r["method"]
 
 
+def settings_note(r: dict) -> str:
+    """The fields of a run's settings that differ from its scale's defaults (`SCALES`), as
+    ' (reg_epochs=5, ft_epochs=5)'; '' when none differ or the scale is not a known one."""
+    from .pipeline import SCALES
+    sc, s = SCALES.get(r.get("scale", "")), r.get("settings")
+    if sc is None or not isinstance(s, dict):
+        return ""
+    diff = [f"{k}={s[k]:g}" if _number(s[k]) else f"{k}={s[k]}"
+            for k, v in asdict(sc).items() if k in s and s[k] != v]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
 def _grouped(results: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
-    """(model, scale, row name, budget) -> its runs, in the order of `_order`."""
+    """(model, scale, row name, budget) -> its runs, in the order of `_order`. Runs of one row
+    made with different settings (a longer schedule through `sweep --ft-epochs`, say) are never
+    averaged together: each gets `settings_note` after its row name."""
+    settings: dict[tuple, set[str]] = {}
+    for r in results:
+        key = (r.get("model", ""), r.get("scale", ""), row_name(r))
+        settings.setdefault(key, set()).add(json.dumps(r.get("settings"), sort_keys=True))
+    from .pipeline import SCALES
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        key = (r.get("model", ""), r.get("scale", ""), row_name(r), _budget(r))
-        groups.setdefault(key, []).append(r)
+        model, scale, name = r.get("model", ""), r.get("scale", ""), row_name(r)
+        kinds = sorted(settings[(model, scale, name)])
+        if len(kinds) > 1 and scale in SCALES:
+            name += settings_note(r)
+        elif len(kinds) > 1:                  # no defaults to compare with: number them
+            name += f" (settings {kinds.index(json.dumps(r.get('settings'), sort_keys=True))})"
+        groups.setdefault((model, scale, name, _budget(r)), []).append(r)
     return sorted(groups.items(), key=lambda g: _order(g[0]))
 
 
 def aggregate(results: Sequence[dict]) -> list[dict]:
     """One row per (model, scale, method, budget), ordered by model, scale, budget (MACs kept,
     largest first) and method name (a sweep variant's `row_name`, e.g. 'ns+residual=coupled',
-    is a row of its own): the keys,
+    is a row of its own, and so are runs made with other settings, e.g. 'l1 (ft_epochs=5)':
+    `settings_note`): the keys,
     `n` (runs), `seeds`, `test_images` and {metric: Stat or None} for every name in METRICS."""
     rows = []
     for (model, scale, method, budget), rs in _grouped(results):

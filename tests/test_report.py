@@ -204,3 +204,17 @@ def test_report_command_writes_the_choices_and_with_reported_the_papers_tables(
     reported = txt[txt.index("NOT measured by prunelib"):]
     assert "ResNet-56" in reported and "\nresrep " not in reported     # only ns and l1
     assert report.REPORTED_CAVEATS[0] in reported
+
+
+def test_runs_made_with_other_settings_are_rows_of_their_own_not_extra_seeds() -> None:
+    rs = [result("l1"), result("l1", seed=1), result("l1", ft_epochs=5.0, reg_epochs=5.0)]
+    rows = report.aggregate(rs)
+    assert [(r["method"], r["n"]) for r in rows] == [
+        ("l1", 2), ("l1 (reg_epochs=5, ft_epochs=5)", 1)]
+    assert [r["method"] for r in report.choices(rs)] == ["l1", "l1 (reg_epochs=5, ft_epochs=5)"]
+    assert report.settings_note(result("l1")) == ""                   # the scale's own
+    assert [r["n"] for r in report.aggregate(rs[2:])] == [1]          # alone: one plain row
+    assert report.aggregate(rs[2:])[0]["method"] == "l1"
+    odd = [{**r, "scale": "mine"} for r in rs]                        # no defaults known
+    assert [r["method"] for r in report.aggregate(odd)] == ["l1 (settings 0)",
+                                                            "l1 (settings 1)"]

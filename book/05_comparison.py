@@ -451,6 +451,45 @@ for m in sorted(at50, key=lambda m: at50[m]["accuracy"]["finetuned"], reverse=Tr
           f"{narrow[m]:3d} channels  min kept fraction {kept[sorted(at50).index(m)].min():.2f}")
 
 # %% [markdown]
+# The table names the choices; an **ablation** measures one. Two more folders next to the
+# sweep hold runs that change one thing and keep the rest of the protocol: `ablation/` (the
+# same bench schedule, one hyperparameter set for the run — `prunelib sweep --hp key=value`,
+# a row named `method+key=value`) and `schedule/` (the same methods with 5 + 5 epochs instead
+# of 3 + 3, the schedule of the bar of Section 3). Each row is printed under the committed
+# seed-0 row it differs from:
+#
+# * `penalize=prunable`: NS and PR penalize only the BNs whose channels they may remove, not
+#   every BN (the trunk's too, as their official code does);
+# * `min_keep=0.25`: every layer keeps at least a quarter of its channels (the default is a
+#   tenth), a floor on the bottlenecks a global ranking leaves;
+# * `residual=coupled`: `l1` may remove trunk channels too (jointly, from every block of a
+#   stage), not only the internal ones.
+
+# %%
+ABLATIONS = [RESULTS.parent / "ablation", RESULTS.parent / "schedule"]
+ablated = report.load_results(ABLATIONS)
+own = {(report.row_name(r), r["target"]["macs"]): r for r in results if r["seed"] == 0}
+
+
+def label(r: dict) -> str:
+    """The run's row: its variant and the settings it changed ('l1 (reg_epochs=5, ...)')."""
+    return report.row_name(r) + report.settings_note(r)
+
+
+print(f"{'run':30s} {'MACs':>5s} {'sparse':>7s} {'removed':>8s} {'recal.':>7s} {'tuned':>7s}"
+      f" {'narrowest':>9s}")
+for r in sorted(ablated, key=lambda r: (r["method"], -r["target"]["macs"], label(r))):
+    base = own[(r["method"], r["target"]["macs"])]
+    for x in (base, r):
+        a = x["accuracy"]
+        print(f"{(label(x) if x is r else x['method']):30s} {x['pruned']['macs_ratio']:5.3f} "
+              f"{a['regularized']:7.2f} {a['removed']:8.2f} {a['recalibrated']:7.2f} "
+              f"{a['finetuned']:7.2f} {min(x['widths'].get(k, 0) for k in convs):9d}")
+    print(f"{'':30s} tuned {r['accuracy']['finetuned'] - base['accuracy']['finetuned']:+.2f}, "
+          f"removed {r['accuracy']['removed'] - base['accuracy']['removed']:+.2f} points\n")
+assert all(r["accuracy"]["dense"] == first["accuracy"]["dense"] for r in ablated)
+
+# %% [markdown]
 # How to read it against the accuracies (the numbers are our run's, at 50% of the MACs):
 #
 # * **Targeting.** Whether the penalty acts on the channels that will be removed or on all of
@@ -717,8 +756,8 @@ assert math.isclose(kendall_tau(_x, _y), (_sx * _sy)[np.triu_indices(12, 1)].mea
 # **Going further** (no check): (a) add a row to the committed comparison: run
 # `prunelib sweep --methods <name> --budgets 0.5 --seeds 0 --scale bench --out results/bench`
 # from `book/` (about 8–30 min on this CPU; the folder refuses a run made with other settings)
-# and rerun this chapter; (b) run NS with `--seeds 1 2` and see whether its band in Section 5
-# overlaps ResRep's; (c) redo Section 6 with `prunelib bench --section latency` on your
+# and rerun this chapter; (b) run GREG and EagleEye with `--seeds 1 2` and see whether their
+# bands in Section 5 overlap; (c) redo Section 6 with `prunelib bench --section latency` on your
 # machine, and with `Budget(multiple=8)`; (d) compare `l1` and `l1_global` at 30%: what does
 # the global threshold do to the narrowest layers (`result["widths"]`)?
 

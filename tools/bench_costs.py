@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prunelib.fileio import atomic_write_text  # noqa: E402
-from prunelib.report import ResultError, load_results, row_name  # noqa: E402
+from prunelib.report import ResultError, load_results, row_name, settings_note  # noqa: E402
 
 START, END = "<!-- costs:start -->", "<!-- costs:end -->"
 
@@ -35,7 +35,8 @@ def cost_table(results: list[dict]) -> str:
              "|---|---|---|---|---|"]
     for r in rows:
         s = r["seconds"]
-        lines.append(f"| {row_name(r)} @ {r['target']['macs']:g}, seed {r['seed']} "
+        lines.append(f"| {row_name(r)}{settings_note(r)} @ {r['target']['macs']:g}, "
+                     f"seed {r['seed']} "
                      f"| {s['total'] / 60:.1f} | {s.get('regularize', 0) / 60:.1f} "
                      f"| {s.get('finetune', 0) / 60:.1f} | {s.get('remove', 0) / 60:.1f} |")
     return "\n".join(lines)

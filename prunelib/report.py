@@ -35,9 +35,8 @@ from typing import Any, Callable, Iterable, Sequence
 from .results import PHASES, standard_error
 
 __all__ = ["ResultError", "Stat", "read_result", "row_name", "settings_note", "load_results",
-           "aggregate", "table",
-           "choices", "choices_table", "DECISIONS", "OWN_DECISIONS", "reported_table",
-           "REPORTED_CAVEATS", "write_figures", "plot_accuracy_vs_macs",
+           "aggregate", "table", "choices", "choices_table", "DECISIONS", "OWN_DECISIONS",
+           "reported_table", "REPORTED_CAVEATS", "write_figures", "plot_accuracy_vs_macs",
            "plot_removed_vs_tuned", "plot_speedup", "plot_wall_time", "FIGURES"]
 
 
@@ -191,19 +190,18 @@ def _grouped(results: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
     """(model, scale, row name, budget) -> its runs, in the order of `_order`. Runs of one row
     made with different settings (a longer schedule through `sweep --ft-epochs`, say) are never
     averaged together: each gets `settings_note` after its row name."""
-    settings: dict[tuple, set[str]] = {}
-    for r in results:
-        key = (r.get("model", ""), r.get("scale", ""), row_name(r))
-        settings.setdefault(key, set()).add(json.dumps(r.get("settings"), sort_keys=True))
     from .pipeline import SCALES
+    keyed = [((r.get("model", ""), r.get("scale", ""), row_name(r)),
+              json.dumps(r.get("settings"), sort_keys=True), r) for r in results]
+    settings: dict[tuple, set[str]] = {}
+    for key, kind, _ in keyed:
+        settings.setdefault(key, set()).add(kind)
     groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        model, scale, name = r.get("model", ""), r.get("scale", ""), row_name(r)
+    for (model, scale, name), kind, r in keyed:
         kinds = sorted(settings[(model, scale, name)])
-        if len(kinds) > 1 and scale in SCALES:
-            name += settings_note(r)
-        elif len(kinds) > 1:                  # no defaults to compare with: number them
-            name += f" (settings {kinds.index(json.dumps(r.get('settings'), sort_keys=True))})"
+        if len(kinds) > 1:                    # known scale: what changed; else a number
+            name += (settings_note(r) if scale in SCALES
+                     else f" (settings {kinds.index(kind)})")
         groups.setdefault((model, scale, name, _budget(r)), []).append(r)
     return sorted(groups.items(), key=lambda g: _order(g[0]))
 

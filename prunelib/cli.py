@@ -463,6 +463,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         done = sweep.sweep(grid, folder, load_data, load_model, device=device,
                            command="prunelib " + " ".join(shlex.quote(a) for a in args.argv),
                            quiet=quiet, log=_log)
+    except sweep.SweepError as e:               # e.g. a folder made from another baseline
+        raise UsageError(str(e)) from None
     except KeyboardInterrupt:
         print("prunelib: interrupted; the finished runs are kept in their files (the current "
               "one is not). Rerun the same command to resume.", file=sys.stderr)

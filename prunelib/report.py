@@ -186,22 +186,37 @@ def settings_note(r: dict) -> str:
     return f" ({', '.join(diff)})" if diff else ""
 
 
+def _dense_accuracy(r: dict) -> Any:
+    """The accuracy of the dense model a run started from (None when the file lacks it)."""
+    return (r.get("dense") or {}).get("accuracy")
+
+
 def _grouped(results: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
     """(model, scale, row name, budget) -> its runs, in the order of `_order`. Runs of one row
-    made with different settings (a longer schedule through `sweep --ft-epochs`, say) are never
-    averaged together: each gets `settings_note` after its row name."""
+    made with different settings (a longer schedule through `sweep --ft-epochs`, say) or from
+    different dense baselines are never averaged together: each gets what differs after its
+    row name, `settings_note` and/or the baseline's accuracy ('l1 (dense 88.71%)')."""
     from .pipeline import SCALES
     keyed = [((r.get("model", ""), r.get("scale", ""), row_name(r)),
-              json.dumps(r.get("settings"), sort_keys=True), r) for r in results]
-    settings: dict[tuple, set[str]] = {}
+              json.dumps([r.get("settings"), _dense_accuracy(r)], sort_keys=True), r)
+             for r in results]
+    kinds: dict[tuple, set[str]] = {}
     for key, kind, _ in keyed:
-        settings.setdefault(key, set()).add(kind)
+        kinds.setdefault(key, set()).add(kind)
     groups: dict[tuple, list[dict]] = {}
     for (model, scale, name), kind, r in keyed:
-        kinds = sorted(settings[(model, scale, name)])
-        if len(kinds) > 1:                    # known scale: what changed; else a number
-            name += (settings_note(r) if scale in SCALES
-                     else f" (settings {kinds.index(kind)})")
+        mine = [json.loads(k) for k in sorted(kinds[(model, scale, name)])]
+        settings = sorted({json.dumps(s, sort_keys=True) for s, _ in mine})
+        own = json.dumps(r.get("settings"), sort_keys=True)
+        notes = []
+        if len(settings) > 1:                 # known scale: what changed; else a number
+            notes.append(settings_note(r)[2:-1] if scale in SCALES
+                         else f"settings {settings.index(own)}")
+        if len({json.dumps(d) for _, d in mine}) > 1:
+            acc = _dense_accuracy(r)
+            notes.append(f"dense {acc:.2f}%" if _number(acc) else "dense ?")
+        if any(notes):
+            name += f" ({'; '.join(n for n in notes if n)})"
         groups.setdefault((model, scale, name, _budget(r)), []).append(r)
     return sorted(groups.items(), key=lambda g: _order(g[0]))
 

@@ -17,7 +17,9 @@ Guarantees:
   - resumable: a run is finished when its file parses as a complete result (`report.read_result`)
     whose `run` equals the planned spec; a missing, unreadable or incomplete file is run again;
   - never mixed: a complete file whose spec differs (other epochs, learning rates, ...) is an
-    error found before anything runs (`plan`): one folder holds one protocol;
+    error found before anything runs (`plan`), and so is one made from another dense baseline
+    (its `baseline.accuracy` differs from the loaded one's, checked before the first run
+    trains): one folder holds one protocol from one baseline;
   - a run that fails (e.g. a diverging loss) is reported and writes nothing, the others go on.
 """
 from __future__ import annotations
@@ -125,6 +127,19 @@ def plan(grid: Grid, folder: str | Path) -> list[Planned]:
     return out
 
 
+def _same_baseline(runs: list[Planned], info: dict | None) -> None:
+    """SweepError when a finished run of the folder started from another dense baseline than
+    the one just loaded (`info['accuracy']`): its rows would be averaged with the new ones."""
+    from .report import read_result
+    acc = (info or {}).get("accuracy")
+    for p in runs:
+        old = (read_result(p.path).get("baseline") or {}).get("accuracy") if p.finished else acc
+        if not _same(old, acc):
+            raise SweepError(f"{p.path} was made from a dense baseline at {old}%, the baseline "
+                             f"loaded now ({(info or {}).get('path')}) is at {acc}%; use another "
+                             f"results folder, or point PRUNELIB_CACHE at that run's baseline")
+
+
 def _spec_diff(old: Any, new: dict) -> str:
     """Which fields of two specs differ, as 'key: old -> new' (settings flattened)."""
     if not isinstance(old, dict):
@@ -208,6 +223,7 @@ def sweep(grid: Grid, folder: str | Path, load_data: Callable[[int], Any],
             data, data_seed, dense_acc = load_data(spec["seed"]), spec["seed"], None
         if model is None:
             model, info = load_model(data)
+            _same_baseline(runs, info)
         t0 = time.time()
         try:
             method = (methods.get(spec["method"], **spec["hparams"]) if spec.get("hparams")

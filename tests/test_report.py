@@ -218,3 +218,15 @@ def test_runs_made_with_other_settings_are_rows_of_their_own_not_extra_seeds() -
     odd = [{**r, "scale": "mine"} for r in rs]                        # no defaults known
     assert [r["method"] for r in report.aggregate(odd)] == ["l1 (settings 0)",
                                                             "l1 (settings 1)"]
+
+
+def test_runs_from_another_dense_baseline_are_rows_of_their_own_not_extra_seeds() -> None:
+    other = result("l1", seed=1)
+    other["dense"] = {**other["dense"], "accuracy": 88.2}
+    rows = report.aggregate([result("l1"), other, result("l1", seed=2)])
+    assert [(r["method"], r["n"]) for r in rows] == [("l1 (dense 88.20%)", 1),
+                                                     ("l1 (dense 91.00%)", 2)]
+    both = {**other, "settings": {"reg_epochs": 5.0, "ft_epochs": 5.0}}
+    rows = report.aggregate([result("l1"), both])
+    assert sorted(r["method"] for r in rows) == [
+        "l1 (dense 91.00%)", "l1 (reg_epochs=5, ft_epochs=5; dense 88.20%)"]

@@ -161,6 +161,20 @@ def test_a_result_made_with_other_settings_is_an_error_and_is_kept(tmp_path: Pat
     assert path.read_text() == text
 
 
+def test_a_folder_made_from_another_baseline_is_an_error_before_the_next_run_trains(
+        tmp_path: Path, counted: list[str]) -> None:
+    run_sweep(grid(methods=("l1",)), tmp_path)
+    counted.clear()
+
+    def other_baseline(_data=None) -> tuple[nn.Module, dict]:
+        return tiny_model()[0], {"path": "other.pt", "accuracy": 12.5}
+    with pytest.raises(SweepError, match=r"baseline at 10.0%.*other.pt\) is at 12.5%"):
+        sweep(grid(), tmp_path, tiny_data, other_baseline, device="cpu",
+              measure_latency=False, log=lambda s: None)
+    assert counted == [] and len(list(tmp_path.iterdir())) == 2       # nothing ran or written
+    assert len(run_sweep(grid(), tmp_path).written) == 2              # the same baseline: resumes
+
+
 def test_a_failing_run_is_reported_writes_nothing_and_the_others_go_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = pipeline.run
@@ -379,6 +393,10 @@ def test_sweep_command_runs_the_grid_and_resumes(tmp_path: Path,
     assert "1 finished, 0 to run" in capsys.readouterr().out
     assert main([*argv, "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("finished  resnet20-quick-l1-macs0.6-seed0.json")
+    monkeypatch.setattr(pipeline, "load_baseline",             # another baseline: refused
+                        lambda name, *a, **k: (tiny_model()[0], {"path": "b.pt", "accuracy": 9}))
+    msg = user_error([*argv[:6], "0", "1", *argv[7:]], capsys)
+    assert "made from a dense baseline at 10.0%, the baseline loaded now (b.pt) is at 9%" in msg
 
 
 def test_sweep_command_interrupted_keeps_finished_runs_and_says_how_to_resume(

@@ -33,5 +33,6 @@ from . import methods  # noqa: E402  (registers every method)
 __version__ = "0.1.0"
 __all__ = ["ChannelGroup", "GroupList", "FrozenOp", "Member", "UnsupportedOpError",
            "channel_groups", "register_op",
-           "count", "hooked", "latency", "for_inference", "remove_channels", "save_pruned", "load_pruned", "methods",
+           "count", "hooked", "latency", "for_inference", "remove_channels", "save_pruned",
+           "load_pruned", "methods",
            "Branch", "residual_branches", "remove_branches"]

@@ -395,11 +395,12 @@ def recal_gain(r: dict) -> float:
 
 def sparse_cost(r: dict) -> float | None:
     """Seconds per epoch of the sparse phase / seconds per epoch of fine-tuning; None when the
-    run has no sparse phase (reg_epochs 0, or a method in NO_SPARSE_PHASE) or no timing."""
+    run has no sparse phase (reg_epochs 0, or a method in NO_SPARSE_PHASE not run with the
+    magnitudes' `train_first`) or no timing."""
     st, s = r.get("settings") or {}, r["seconds"]
     reg_ep, ft_ep = st.get("reg_epochs"), st.get("ft_epochs")
     reg_s, ft_s = s.get("regularize"), s.get("finetune")
-    if (r["method"] in NO_SPARSE_PHASE
+    if ((r["method"] in NO_SPARSE_PHASE and not (r.get("hparams") or {}).get("train_first"))
             or not all(_number(x) and x > 0 for x in (reg_ep, ft_ep, reg_s, ft_s))):
         return None
     return (reg_s / reg_ep) / (ft_s / ft_ep)

@@ -126,3 +126,22 @@ def test_l1_with_a_multiple_too_coarse_for_the_target_says_so():
     m, model = attached("l1")
     with pytest.raises(ValueError, match="cannot be met.*rounded to multiples"):
         m.finish(model, Budget(macs=0.5, multiple=16))
+
+
+@pytest.mark.parametrize("name", ["l1", "l1_global"])
+def test_train_first_trains_the_phase_without_a_penalty_and_the_default_trains_nothing(name):
+    import numpy as np
+    from prunelib.data import Batches
+    rng = np.random.default_rng(0)
+    loader = Batches(rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), np.arange(32) % 10,
+                     16, augment=False, seed=0)
+    for train_first in (False, True):
+        m, model = attached(name)
+        m.set_hparams(train_first=train_first)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ctx = Context(example_inputs=X, train_loader=loader, epochs=1.0, lr=0.05, quiet=True)
+        assert m.regularize(model, ctx) is model and m.loss_term(model) is None
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert bool(moved) == train_first                  # conv weights and BN stats move
+    with pytest.raises(TypeError, match="train_first='yes'.*True or False"):
+        methods.get(name, train_first="yes")

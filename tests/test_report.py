@@ -57,6 +57,8 @@ def test_sparse_cost_is_seconds_per_epoch_of_the_sparse_phase_over_fine_tuning()
         == pytest.approx(1.0)
     assert report.sparse_cost(result(reg_epochs=0.0)) is None
     assert report.sparse_cost(result("l1", reg_s=2e-5)) is None      # no sparse phase
+    trained = result("l1", reg_s=60.0, hparams={"train_first": True})  # a plain-SGD phase
+    assert report.sparse_cost(trained) == pytest.approx(2.0)
     assert report.sparse_cost(result("eagleeye")) is None
     rows = report.choices([result(reg_s=60.0), result(seed=1, reg_s=90.0)])
     cost = rows[0]["sparse_cost"]

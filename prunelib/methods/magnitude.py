@@ -27,6 +27,11 @@ earns its name when the removal after its sparse phase loses less than this one-
             filters in the blocks of stage 1 and 22, 64, 63 of 64 in stage 3; 'l1' keeps 8 of
             16, 15 of 32 and 30 of 64 in every block (rate 17/32, 0.485 of the MACs). Kept as
             the contrast to 'l1'.
+
+Both are one-shot: no sparse phase. `train_first=True` (not in the paper) spends the protocol's
+sparse-phase epochs on plain SGD without a penalty before ranking: the control that gives the
+magnitude baseline the extra epochs of training a regularizer gets, so a comparison can tell
+what the penalty did from what the epochs did (chapter 5, Section 7).
 """
 from __future__ import annotations
 
@@ -35,16 +40,24 @@ from torch import nn
 
 from ..select import Budget, MacModel, min_keep_count, round_keep
 from ..surgery import remove_channels
-from .base import Context, Method, register
+from .base import Context, HParam, Method, register
 
 
 @register("l1_global")
 class MagnitudeGlobal(Method):
     """L1-norm filter pruning ranked globally across layers (`select_keep`); no sparse phase."""
     residual = "internal"
+    HPARAMS = {"train_first": HParam(bool, note="True: train the sparse phase's epochs without "
+                                                "a penalty before ranking")}
+
+    def __init__(self, train_first: bool = False, **kw) -> None:
+        super().__init__(**kw)
+        self.set_hparams(train_first=train_first)
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return model                       # one-shot: nothing to train before removal
+        """One-shot: nothing is trained before removal; with `train_first`, `ctx.epochs` of
+        plain SGD (the base class's phase, no penalty term)."""
+        return super().regularize(model, ctx) if self.train_first else model
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         out = {}

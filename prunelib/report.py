@@ -197,22 +197,24 @@ def _grouped(results: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
     different dense baselines are never averaged together: each gets what differs after its
     row name, `settings_note` and/or the baseline's accuracy ('l1 (dense 88.71%)')."""
     from .pipeline import SCALES
-    keyed = [((r.get("model", ""), r.get("scale", ""), row_name(r)),
-              json.dumps([r.get("settings"), _dense_accuracy(r)], sort_keys=True), r)
-             for r in results]
+
+    def key(r: dict) -> tuple:
+        return r.get("model", ""), r.get("scale", ""), row_name(r)
+
+    def settings(r: dict) -> str:
+        return json.dumps(r.get("settings"), sort_keys=True)
     kinds: dict[tuple, set[str]] = {}
-    for key, kind, _ in keyed:
-        kinds.setdefault(key, set()).add(kind)
+    denses: dict[tuple, set[str]] = {}
+    for r in results:
+        kinds.setdefault(key(r), set()).add(settings(r))
+        denses.setdefault(key(r), set()).add(json.dumps(_dense_accuracy(r)))
     groups: dict[tuple, list[dict]] = {}
-    for (model, scale, name), kind, r in keyed:
-        mine = [json.loads(k) for k in sorted(kinds[(model, scale, name)])]
-        settings = sorted({json.dumps(s, sort_keys=True) for s, _ in mine})
-        own = json.dumps(r.get("settings"), sort_keys=True)
-        notes = []
-        if len(settings) > 1:                 # known scale: what changed; else a number
+    for r in results:
+        (model, scale, name), notes = key(r), []
+        if len(kinds[key(r)]) > 1:            # known scale: what changed; else a number
             notes.append(settings_note(r)[2:-1] if scale in SCALES
-                         else f"settings {settings.index(own)}")
-        if len({json.dumps(d) for _, d in mine}) > 1:
+                         else f"settings {sorted(kinds[key(r)]).index(settings(r))}")
+        if len(denses[key(r)]) > 1:
             acc = _dense_accuracy(r)
             notes.append(f"dense {acc:.2f}%" if _number(acc) else "dense ?")
         if any(notes):

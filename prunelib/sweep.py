@@ -132,8 +132,8 @@ def _same_baseline(runs: list[Planned], info: dict | None) -> None:
     the one just loaded (`info['accuracy']`): its rows would be averaged with the new ones."""
     from .report import read_result
     acc = (info or {}).get("accuracy")
-    for p in runs:
-        old = (read_result(p.path).get("baseline") or {}).get("accuracy") if p.finished else acc
+    for p in (p for p in runs if p.finished):
+        old = (read_result(p.path).get("baseline") or {}).get("accuracy")
         if not _same(old, acc):
             raise SweepError(f"{p.path} was made from a dense baseline at {old}%, the baseline "
                              f"loaded now ({(info or {}).get('path')}) is at {acc}%; use another "

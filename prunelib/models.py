@@ -5,7 +5,8 @@
   16/32/64 channels (depth = 6n + 2), global average pooling and one linear layer.
   The shortcut that changes width uses "option A" by default (parameter-free: subsample by 2
   and zero-pad the new channels, as in the paper's CIFAR experiments); ``shortcut='B'`` uses a
-  1x1 conv + BN projection instead.
+  1x1 conv + BN projection instead; ``resnet20b`` ... ``resnet110b`` are those models by name
+  (for `prunelib train/run/sweep --model`; their baselines and results are files of their own).
 * VGG-16/19 with BatchNorm - Simonyan & Zisserman, ICLR 2015, in the CIFAR form of Liu et al.,
   "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017: 3x3
   conv-BN-ReLU layers, five 2x2 max-pools (32x32 -> 1x1), then a single linear classifier.
@@ -25,6 +26,11 @@ pooling and additions not counted), measured with forward hooks:
 | resnet44    | 0.659 M   |  97.2 M   |
 | resnet56    | 0.853 M   | 125.5 M   |
 | resnet110   | 1.728 M   | 252.9 M   |
+| resnet20b   | 0.272 M   |  40.8 M   |
+| resnet32b   | 0.467 M   |  69.1 M   |
+| resnet44b   | 0.661 M   |  97.4 M   |
+| resnet56b   | 0.856 M   | 125.7 M   |
+| resnet110b  | 1.731 M   | 253.1 M   |
 | vgg16       | 14.724 M  | 313.2 M   |
 | vgg19       | 20.035 M  | 398.1 M   |
 | mobilenetv2 | 2.237 M   |  88.0 M   |
@@ -33,6 +39,7 @@ pooling and additions not counted), measured with forward hooks:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -314,6 +321,8 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56,
     "resnet110": resnet110, "vgg16": vgg16, "vgg19": vgg19, "mobilenetv2": mobilenetv2,
 }
+for _name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"):    # option B by name
+    _FACTORIES[_name + "b"] = functools.partial(_FACTORIES[_name], shortcut="B")
 MODELS: list[str] = list(_FACTORIES)
 
 

@@ -127,6 +127,16 @@ def test_cached_baseline_of_another_architecture_is_skipped(cache: Path) -> None
     assert str(committed) in msg and info["path"] == str(committed) and len(msg) < 800
 
 
+def test_shortcut_b_model_has_baselines_of_its_own_never_the_option_a_one(cache: Path) -> None:
+    cached, committed = pipeline.baseline_paths("resnet20b")
+    assert cached.name == committed.name == "resnet20b_cifar10.pt" and not committed.exists()
+    with pytest.raises(FileNotFoundError, match="prunelib train --model resnet20b"):
+        pipeline.load_baseline("resnet20b", train_if_missing=False)
+    save_checkpoint(get_model("resnet20", shortcut="B"), cached, accuracy=42.0)
+    model, info = pipeline.load_baseline("resnet20b", train_if_missing=False)
+    assert info["accuracy"] == 42.0 and model.layer2[0].downsample is not None
+
+
 def test_good_cached_baseline_is_used_without_a_warning(cache: Path) -> None:
     cached, _ = pipeline.baseline_paths("resnet20")
     save_checkpoint(get_model("resnet20"), cached, accuracy=42.0)

@@ -90,6 +90,16 @@ def test_forward_shape_and_traced_equivalence(name: str, kw: dict) -> None:
         torch.testing.assert_close(gm(x), y)
 
 
+@pytest.mark.parametrize("depth", [20, 56])
+def test_b_names_build_the_option_b_resnet_of_that_depth(depth: int) -> None:
+    b, ref = meta_model(f"resnet{depth}b"), meta_model(f"resnet{depth}", shortcut="B")
+    assert all(blk.shortcut_type == "B" for blk in b.modules() if isinstance(blk, BasicBlock))
+    assert {k: v.shape for k, v in b.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()}
+    assert any(k.endswith("downsample.0.weight") for k in b.state_dict())
+    assert not any("downsample" in k for k in meta_model(f"resnet{depth}").state_dict())
+
+
 def test_option_a_shortcut_is_subsample_and_zero_pad() -> None:
     torch.manual_seed(0)
     blk = BasicBlock(16, 32, stride=2).eval()

@@ -127,15 +127,21 @@ def plan(grid: Grid, folder: str | Path) -> list[Planned]:
     return out
 
 
-def _same_baseline(runs: list[Planned], info: dict | None) -> None:
-    """SweepError when a finished run of the folder started from another dense baseline than
-    the one just loaded (`info['accuracy']`): its rows would be averaged with the new ones."""
-    from .report import read_result
+def _same_baseline(folder: str | Path, model: str, info: dict | None) -> None:
+    """SweepError when a result of `model` already in `folder` (any method, budget or seed:
+    finished or from another grid) started from another dense baseline than the one just
+    loaded (`info['accuracy']`): the folder would hold two baselines' runs. Files of other
+    models and unreadable files are not this check's business."""
+    from .report import ResultError, read_result
     acc = (info or {}).get("accuracy")
-    for p in (p for p in runs if p.finished):
-        old = (read_result(p.path).get("baseline") or {}).get("accuracy")
-        if not _same(old, acc):
-            raise SweepError(f"{p.path} was made from a dense baseline at {old}%, the baseline "
+    for path in sorted(Path(folder).glob(f"{model}-*.json")):
+        try:
+            res = read_result(path)
+        except ResultError:
+            continue
+        old = (res.get("baseline") or {}).get("accuracy")
+        if res.get("model") == model and not _same(old, acc):
+            raise SweepError(f"{path} was made from a dense baseline at {old}%, the baseline "
                              f"loaded now ({(info or {}).get('path')}) is at {acc}%; use another "
                              f"results folder, or point PRUNELIB_CACHE at that run's baseline")
 
@@ -223,7 +229,7 @@ def sweep(grid: Grid, folder: str | Path, load_data: Callable[[int], Any],
             data, data_seed, dense_acc = load_data(spec["seed"]), spec["seed"], None
         if model is None:
             model, info = load_model(data)
-            _same_baseline(runs, info)
+            _same_baseline(folder, grid.model, info)
         t0 = time.time()
         try:
             method = (methods.get(spec["method"], **spec["hparams"]) if spec.get("hparams")

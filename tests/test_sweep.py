@@ -175,6 +175,26 @@ def test_a_folder_made_from_another_baseline_is_an_error_before_the_next_run_tra
     assert len(run_sweep(grid(), tmp_path).written) == 2              # the same baseline: resumes
 
 
+def test_another_grids_runs_from_another_baseline_also_refuse_the_folder(
+        tmp_path: Path, counted: list[str]) -> None:
+    run_sweep(grid(methods=("l1",), seeds=(0,)), tmp_path)          # a finished l1 run
+    counted.clear()
+
+    def other_baseline(_data=None) -> tuple[nn.Module, dict]:
+        return tiny_model()[0], {"path": "other.pt", "accuracy": 12.5}
+    with pytest.raises(SweepError, match=r"tiny-quick-l1-macs0.6-seed0.json was made from"):
+        sweep(grid(methods=("ns",), seeds=(0,)), tmp_path, tiny_data, other_baseline,
+              device="cpu", measure_latency=False, log=lambda s: None)
+    assert counted == []
+    for f in list(tmp_path.iterdir()):                               # another model's files
+        other = tmp_path / f.name.replace("tiny-", "other-")
+        other.write_text(f.read_text().replace('"model": "tiny"', '"model": "other"'))
+        f.unlink()
+    done = sweep(grid(methods=("ns",), seeds=(0,)), tmp_path, tiny_data, other_baseline,
+                 device="cpu", measure_latency=False, log=lambda s: None)
+    assert [p.name for p in done.written] == ["tiny-quick-ns-macs0.6-seed0.json"]
+
+
 def test_a_failing_run_is_reported_writes_nothing_and_the_others_go_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = pipeline.run

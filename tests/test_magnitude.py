@@ -100,6 +100,39 @@ def test_l1_global_ranks_raw_norms_across_layers_as_before():
         min(kept[f"layer3.{b}.conv1"] for b in (1, 2))
 
 
+def test_group_l2_importance_is_the_mean_squared_norm_of_every_slice_a_channel_owns():
+    torch.manual_seed(0)
+    model = get_model("resnet20")
+    m = methods.get("l1_global", importance="group_l2")
+    m.ctx = Context(example_inputs=X)
+    m.attach(model, pl.channel_groups(model, X))
+    g = next(g for g in m.groups if g.sources == ["layer2.1.conv1"])
+    w1, w2 = model.layer2[1].conv1.weight, model.layer2[1].conv2.weight
+    gamma = model.layer2[1].bn1.weight
+    want = (w1.pow(2).sum((1, 2, 3)) + gamma.pow(2) + w2.pow(2).sum((0, 2, 3))) / 3
+    torch.testing.assert_close(m.scores(model)[g.index], want.detach())
+
+
+def test_normalize_mean_makes_the_global_ranking_blind_to_a_layers_scale():
+    def kept(normalize: str, scale: float) -> dict[str, int]:
+        m, model = attached("l1_global")
+        m.set_hparams(normalize=normalize)
+        with torch.no_grad():                       # BN follows: the function is unchanged
+            model.layer1[0].conv1.weight.mul_(scale)
+        if normalize == "mean":
+            assert all(abs(float(s.mean()) - 1) < 1e-6 for s in m.scores(model).values())
+        return {k: v for k, (v, _) in widths(m, m.finish(model, Budget(macs=0.5))).items()}
+    assert kept("mean", 100.0) == kept("mean", 1.0)
+    raw, scaled = kept("none", 1.0), kept("none", 100.0)
+    assert scaled["layer1.0.conv1"] == 16 > raw["layer1.0.conv1"]
+    per_layer, model = attached("l1")               # a per-layer ranking: the same widths
+    plain = widths(per_layer, per_layer.finish(model, Budget(macs=0.5)))
+    per_layer.set_hparams(normalize="mean")
+    assert widths(per_layer, per_layer.finish(model, Budget(macs=0.5))) == plain
+    with pytest.raises((TypeError, ValueError), match="normalize='max'.*'none', 'mean'"):
+        methods.get("l1_global", normalize="max")
+
+
 def test_l1_threshold_budget_is_the_same_rule_as_l1_global():
     per_layer, model = attached("l1")
     glob, _ = attached("l1_global")

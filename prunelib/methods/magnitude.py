@@ -28,6 +28,17 @@ earns its name when the removal after its sparse phase loses less than this one-
             16, 15 of 32 and 30 of 64 in every block (rate 17/32, 0.485 of the MACs). Kept as
             the contrast to 'l1'.
 
+Two scores (`importance`) and a normalization, for both rules (neither is in Li et al.):
+'l1'        the default: s_k = sum over the producing layers of ||W_k||_1, as above.
+'group_l2'  Torch-Pruning's `MagnitudeImportance(p=2)` idea (Fang et al., DepGraph, CVPR 2023):
+            every parameter slice the channel owns counts, s_k = mean over the group's members
+            of ||slice_k||_2^2 (the producing convs' filters, the BNs' gamma, the consuming
+            convs' / linears' input columns; no biases, no BN beta).
+normalize='mean' divides every group's scores by their mean, s_k / mean_j(s_j) (Torch-Pruning's
+            default normalizer): a global ranking then compares each channel with the others
+            of its own group, not raw norms that grow with the fan-in. A per-layer ranking is
+            unchanged by it.
+
 Both are one-shot: no sparse phase. `train_first=True` (not in the paper) spends the protocol's
 sparse-phase epochs on plain SGD without a penalty before ranking: the control that gives the
 magnitude baseline the extra epochs of training a regularizer gets, so a comparison can tell
@@ -48,11 +59,16 @@ class MagnitudeGlobal(Method):
     """L1-norm filter pruning ranked globally across layers (`select_keep`); no sparse phase."""
     residual = "internal"
     HPARAMS = {"train_first": HParam(bool, note="True: train the sparse phase's epochs without "
-                                                "a penalty before ranking")}
+                                                "a penalty before ranking"),
+               "importance": HParam(str, choices=("l1", "group_l2"),
+                                    note="the channel score (module docstring)"),
+               "normalize": HParam(str, choices=("none", "mean"),
+                                   note="'mean': each group's scores over their mean")}
 
-    def __init__(self, train_first: bool = False, **kw) -> None:
+    def __init__(self, train_first: bool = False, importance: str = "l1",
+                 normalize: str = "none", **kw) -> None:
         super().__init__(**kw)
-        self.set_hparams(train_first=train_first)
+        self.set_hparams(train_first=train_first, importance=importance, normalize=normalize)
 
     def regularize(self, model: nn.Module, ctx: Context) -> nn.Module:
         """One-shot: nothing is trained before removal; with `train_first`, `ctx.epochs` of
@@ -60,12 +76,21 @@ class MagnitudeGlobal(Method):
         return super().regularize(model, ctx) if self.train_first else model
 
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """{group index: (size,) score} by `importance`, then `normalize` (module docstring)."""
         out = {}
         for g in self.groups:
-            rows = g.rows(model, roles=("out",), params=("weight",))
-            src = [r for r, m in zip(rows, [m for m in g.by_role("out") if m.param == "weight"])
-                   if m.module in g.sources]
-            out[g.index] = torch.stack([r.detach().abs().sum(1) for r in src]).sum(0)
+            if self.importance == "group_l2":       # mean over members of ||slice_k||_2^2
+                rows = g.rows(model, roles=("out", "affine", "in"), params=("weight",))
+                s = torch.stack([r.detach().pow(2).sum(1) for r in rows]).mean(0)
+            else:                                   # sum over producers of ||W_k||_1
+                rows = g.rows(model, roles=("out",), params=("weight",))
+                src = [r for r, m in zip(rows, [m for m in g.by_role("out")
+                                                if m.param == "weight"])
+                       if m.module in g.sources]
+                s = torch.stack([r.detach().abs().sum(1) for r in src]).sum(0)
+            if self.normalize == "mean" and s.mean() > 0:
+                s = s / s.mean()
+            out[g.index] = s
         return out
 
 

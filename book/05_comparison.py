@@ -625,57 +625,39 @@ bar_dense = barred[0]["accuracy"]["dense"]
 assert all(r["accuracy"]["dense"] == bar_dense for r in barred)     # one baseline, one folder
 
 
-def drop(r: dict) -> float:
-    """Tuned minus dense accuracy, in points (the bar's measure)."""
-    return r["accuracy"]["finetuned"] - r["accuracy"]["dense"]
-
-
-def by_row(runs: list[dict]) -> dict[str, list[dict]]:
-    """Runs by row name (a method and the hyperparameters its sweep set); seeds together."""
-    out: dict[str, list[dict]] = {}
-    for r in runs:
-        out.setdefault(report.row_name(r), []).append(r)
-    return out
-
-
-def mean_drop(runs: list[dict]) -> float:
-    return float(np.mean([drop(r) for r in runs]))
-
-
-def bar_table(runs: list[dict], twins: list[dict], twin: str) -> dict[str, list[dict]]:
-    """A markdown table of `runs`, one line per row (the mean over its seeds; drop ± the
-    seeds' std), best mean drop first, each followed by the same row of `twins` (labelled
-    `twin`) where there is one. Returns the rows."""
-    mine, theirs = by_row(runs), by_row(twins)
+def bar_table(runs: list[dict], twins: list[dict], twin: str) -> dict[str, dict]:
+    """A markdown table of `report.aggregate(runs)`, one line per row (means over its seeds;
+    drop ± their std), best mean drop first, each followed by the same row of `twins`
+    (labelled `twin`) where there is one. Returns the rows by name."""
+    mine = {r["method"]: r for r in report.aggregate(runs)}
+    theirs = {r["method"]: r for r in report.aggregate(twins)}
     lines = ["| run | n | dense | MACs | sparse | removed | recal. | tuned | drop |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, rs in sorted(mine.items(), key=lambda kv: mean_drop(kv[1]), reverse=True):
-        for label, xs in ((f"`{name}`", rs), (f"↳ {twin}", theirs.get(name))):
-            if not xs:
+    for name, row_ in sorted(mine.items(), key=lambda kv: kv[1]["drop"].mean, reverse=True):
+        for label, x in ((f"`{name}`", row_), (f"↳ {twin}", theirs.get(name))):
+            if x is None:
                 continue
-            acc = {k: np.mean([x["accuracy"][k] for x in xs]) for k in xs[0]["accuracy"]}
-            d = [drop(x) for x in xs]
+            d = x["drop"]
             lines.append(
-                f"| {label} | {len(xs)} | {acc['dense']:.2f} | "
-                f"{np.mean([x['pruned']['macs_ratio'] for x in xs]):.3f} | "
-                f"{acc['regularized']:.2f} | {acc['removed']:.2f} | {acc['recalibrated']:.2f} | "
-                f"{acc['finetuned']:.2f} | {np.mean(d):+.2f}"
-                f"{f' ± {np.std(d, ddof=1):.2f}' if len(d) > 1 else ''} |")
+                f"| {label} | {x['n']} | {x['dense'].mean:.2f} | {x['macs'].mean:.3f} | "
+                f"{x['sparse'].mean:.2f} | {x['removed'].mean:.2f} | {x['recal'].mean:.2f} | "
+                f"{x['tuned'].mean:.2f} | {d.mean:+.2f}"
+                f"{f' ± {d.std:.2f}' if d.std is not None else ''} |")
     show("\n".join(lines))
     return mine
 
 
-def verdict(rows_: dict[str, list[dict]], dense: float) -> None:
+def verdict(rows_: dict[str, dict], dense: float) -> None:
     """The bar's two tests on `rows_`: the best mean drop against 0.8 points, and which
     regularizers keep more than `l1` right after removal."""
-    best = max(rows_, key=lambda k: mean_drop(rows_[k]))
-    removed = {k: np.mean([r["accuracy"]["removed"] for r in rs]) for k, rs in rows_.items()}
-    regs = [k for k, rs in rows_.items() if rs[0]["method"] not in MAGNITUDE | SEARCH]
+    best = max(rows_, key=lambda k: rows_[k]["drop"].mean)
+    removed = {k: r["removed"].mean for k, r in rows_.items()}
+    regs = [k for k in rows_ if k.split("+")[0] not in MAGNITUDE | SEARCH]
     above = sorted(k for k in regs if removed[k] > removed["l1"])
-    print(f"from the {dense:.2f}% baseline: best {best} {mean_drop(rows_[best]):+.2f} points "
-          f"(mean of {len(rows_[best])} seed(s); "
-          f"{'within' if mean_drop(rows_[best]) >= -0.8 else 'NOT within'} the bar's 0.8; "
-          f"Torch-Pruning's magnitude pruner -0.8, its regularized ones -0.9 to -1.7)")
+    b = rows_[best]["drop"]
+    print(f"from the {dense:.2f}% baseline: best {best} {b.mean:+.2f} points "
+          f"(mean of {b.n} seed(s); {'within' if b.mean >= -0.8 else 'NOT within'} the bar's "
+          f"0.8; Torch-Pruning's magnitude pruner -0.8, its regularized ones -0.9 to -1.7)")
     print(f"right after removal, l1 {removed['l1']:.2f}%: {len(above)} of {len(regs)} "
           f"regularizers above it ({', '.join(above) or '-'})")
 

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Torch-Pruning's global magnitude pruner as one more row of `prunelib sweep` (issue 12's bar).
+
+Issue 12's bar says Torch-Pruning's global magnitude pruner ends 0.8 points below dense under
+the bar's schedule; prunelib's closest rule (`l1_global` with `importance='group_l2'`,
+`normalize='mean'`, `residual='coupled'`) ends 1.67 below on the same model. This script tells
+the two possible reasons apart: it registers a method, 'tp_magnitude', whose *decision rule* is
+Torch-Pruning's and runs `prunelib sweep` with it, so everything else (baseline, data, seed, BN
+recalibration, fine-tuning, MACs counter, result file) is prunelib's, as for every other row.
+
+The rule (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023; Torch-Pruning's
+`reproduce/main.py` with `--method l2 --global-pruning --speed-up 2`): DepGraph's groups (every
+layer coupled to a channel, the residual trunk included), the score
+`GroupMagnitudeImportance(p)`: mean over the group's slices of ||slice_k||_p^p, divided by the
+group's mean score, ranked across all groups, and removed progressively: a `MetaPruner` with
+`pruning_ratio=1.0`, `max_pruning_ratio=1.0` and `iterative_steps=steps` takes one step at a
+time, re-scoring the smaller model, until prunelib's counter reads at most the budget's MACs.
+The classifier's outputs are never pruned. Torch-Pruning's own count of the result is written
+to the run's file as `torch_pruning` (its counter includes BN, so its ratio may differ).
+
+    pip install torch-pruning                     # not a prunelib dependency
+    python tools/torch_pruning_row.py sweep --methods tp_magnitude --model resnet20b \\
+        --budgets 0.5 --reg-epochs 5 --ft-epochs 5 --scale bench --out book/results/bar_b
+
+Every argument after the script's name is `prunelib`'s command line (`prunelib --help`);
+'tp_magnitude' takes `--hp steps=N`, `--hp p=1|2` and `l1_global`'s `train_first`.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from prunelib import methods
+from prunelib.cli import main
+from prunelib.measure import count
+from prunelib.methods.base import HParam
+from prunelib.methods.magnitude import MagnitudeGlobal
+from prunelib.select import Budget
+
+try:
+    import torch_pruning as tp
+except ImportError:          # checked before anything trains
+    sys.exit("torch_pruning_row.py: error: Torch-Pruning is not installed; "
+             "run `pip install torch-pruning` (it is not a prunelib dependency)")
+
+
+@methods.register("tp_magnitude")
+class TorchPruningMagnitude(MagnitudeGlobal):
+    """Torch-Pruning's progressive global magnitude pruning as the decision rule; one-shot
+    (no sparse phase) unless `train_first`. `scores` stays prunelib's reading of the same score
+    (`importance='group_l2'`, `normalize='mean'`); `finish` does not use it."""
+    residual = "coupled"
+    HPARAMS = {"steps": HParam(int, lo=1, note="Torch-Pruning's iterative_steps"),
+               "p": HParam(int, lo=1, hi=2, note="the norm of GroupMagnitudeImportance")}
+
+    def __init__(self, steps: int = 400, p: int = 2, importance: str = "group_l2",
+                 normalize: str = "mean", **kw) -> None:
+        super().__init__(importance=importance, normalize=normalize, **kw)
+        self.set_hparams(steps=steps, p=p)
+
+    def finish(self, model: nn.Module, budget: Budget | None) -> nn.Module:
+        """Prune `model` in place, step by step, until its MACs <= budget.macs x dense."""
+        if budget is None or budget.macs is None:
+            raise ValueError("tp_magnitude needs a MACs budget, e.g. Budget(macs=0.5)")
+        x = self.ctx.example_inputs
+        model.eval()
+        macs0, _ = count(model, x)
+        ops0, _ = tp.utils.count_ops_and_params(model, example_inputs=x)
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        imp = tp.importance.GroupMagnitudeImportance(p=self.p, group_reduction="mean",
+                                                     normalizer="mean")
+        pruner = tp.pruner.MetaPruner(model, x, importance=imp, global_pruning=True,
+                                      pruning_ratio=1.0, max_pruning_ratio=1.0,
+                                      iterative_steps=self.steps, ignored_layers=heads)
+        with torch.no_grad():
+            while count(model, x)[0] > budget.macs * macs0:
+                if pruner.current_step == pruner.iterative_steps:
+                    raise ValueError(f"tp_magnitude: {self.steps} steps did not reach "
+                                     f"{budget.macs} of the MACs; raise steps")
+                pruner.step()
+        ops1, _ = tp.utils.count_ops_and_params(model, example_inputs=x)
+        self.tp_record = {"version": tp.__version__, "steps_taken": pruner.current_step,
+                          "ops_ratio": float(ops1) / float(ops0)}
+        return model
+
+    def hparams(self) -> dict:
+        out = super().hparams()
+        if hasattr(self, "tp_record"):
+            out["torch_pruning"] = self.tp_record
+        return out
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -28,16 +28,18 @@ Every argument after the script's name is `prunelib`'s command line (`prunelib -
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunelib import methods
-from prunelib.cli import main
-from prunelib.measure import count
-from prunelib.methods.base import HParam
-from prunelib.methods.magnitude import MagnitudeGlobal
-from prunelib.select import Budget
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's prunelib
+from prunelib import methods  # noqa: E402
+from prunelib.cli import main  # noqa: E402
+from prunelib.measure import count  # noqa: E402
+from prunelib.methods.base import HParam  # noqa: E402
+from prunelib.methods.magnitude import MagnitudeGlobal  # noqa: E402
+from prunelib.select import Budget  # noqa: E402
 
 try:
     import torch_pruning as tp

@@ -23,7 +23,8 @@ to the run's file as `torch_pruning` (its counter includes BN, so its ratio may 
         --budgets 0.5 --reg-epochs 5 --ft-epochs 5 --scale bench --out book/results/bar_b
 
 Every argument after the script's name is `prunelib`'s command line (`prunelib --help`);
-'tp_magnitude' takes `--hp steps=N`, `--hp p=1|2` and `l1_global`'s `train_first`.
+'tp_magnitude' takes `--hp steps=N`, `--hp p=1|2`, `--hp global_pruning=false` (Torch-Pruning's
+local mode: every group loses the same fraction at each step) and `l1_global`'s `train_first`.
 """
 from __future__ import annotations
 
@@ -55,12 +56,14 @@ class TorchPruningMagnitude(MagnitudeGlobal):
     (`importance='group_l2'`, `normalize='mean'`); `finish` does not use it."""
     residual = "coupled"
     HPARAMS = {"steps": HParam(int, lo=1, note="Torch-Pruning's iterative_steps"),
-               "p": HParam(int, lo=1, hi=2, note="the norm of GroupMagnitudeImportance")}
+               "p": HParam(int, lo=1, hi=2, note="the norm of GroupMagnitudeImportance"),
+               "global_pruning": HParam(bool, note="False: every group loses the same "
+                                                   "fraction at each step")}
 
-    def __init__(self, steps: int = 400, p: int = 2, importance: str = "group_l2",
-                 normalize: str = "mean", **kw) -> None:
+    def __init__(self, steps: int = 400, p: int = 2, global_pruning: bool = True,
+                 importance: str = "group_l2", normalize: str = "mean", **kw) -> None:
         super().__init__(importance=importance, normalize=normalize, **kw)
-        self.set_hparams(steps=steps, p=p)
+        self.set_hparams(steps=steps, p=p, global_pruning=global_pruning)
 
     def finish(self, model: nn.Module, budget: Budget | None) -> nn.Module:
         """Prune `model` in place, step by step, until its MACs <= budget.macs x dense."""
@@ -73,7 +76,8 @@ class TorchPruningMagnitude(MagnitudeGlobal):
         heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
         imp = tp.importance.GroupMagnitudeImportance(p=self.p, group_reduction="mean",
                                                      normalizer="mean")
-        pruner = tp.pruner.MetaPruner(model, x, importance=imp, global_pruning=True,
+        pruner = tp.pruner.MetaPruner(model, x, importance=imp,
+                                      global_pruning=self.global_pruning,
                                       pruning_ratio=1.0, max_pruning_ratio=1.0,
                                       iterative_steps=self.steps, ignored_layers=heads)
         with torch.no_grad():

@@ -220,6 +220,16 @@ def _hparams(items: Sequence[str]) -> dict[str, Any]:
     return hp
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The scale fields the command line replaces: --reg-epochs, --ft-epochs and
+    --no-restore-norms (restore_norms=False)."""
+    out = {k: v for k, v in (("reg_epochs", args.reg_epochs), ("ft_epochs", args.ft_epochs))
+           if v is not None}
+    if args.no_restore_norms:
+        out["restore_norms"] = False
+    return out
+
+
 def _method(args: argparse.Namespace) -> Any:
     """The method named by --method, built with the --hp values; UsageError if it cannot be."""
     from . import methods
@@ -263,8 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     method = _method(args)
     budget = _budget(args)
     scale = get_scale(args.scale)
-    overrides = {k: v for k, v in (("reg_epochs", args.reg_epochs),
-                                   ("ft_epochs", args.ft_epochs)) if v is not None}
+    overrides = _overrides(args)
     device = _device(args.device)
     out = _output(args.out, "--out") if args.out else None
     save = _output(args.save, "--save") if args.save else None
@@ -323,6 +332,9 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="override the scale's (0: no sparse phase)")
     p.add_argument("--ft-epochs", type=_NONNEG, default=None,
                    help="override the scale's (0: no fine-tuning)")
+    p.add_argument("--no-restore-norms", action="store_true",
+                   help="fine-tune without first scaling shrunk conv rows back to the dense "
+                        "norm (calibrate.restore_bn_input_norms): the ablation of that step")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. --hp lam=1e-4 (repeatable)")
     p.add_argument("--seed", type=_NATURAL, default=0)
@@ -426,8 +438,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"--methods {name} {' '.join('--hp ' + h for h in args.hp)}: "
                              f"{e.args[0] if isinstance(e, KeyError) and e.args else e}"
                              ) from None
-    overrides = {k: v for k, v in (("reg_epochs", args.reg_epochs),
-                                   ("ft_epochs", args.ft_epochs)) if v is not None}
+    overrides = _overrides(args)
     grid = sweep.Grid(tuple(names), tuple(args.budgets), tuple(args.seeds), args.model,
                       args.scale, overrides, hp)
     scale = grid.settings()
@@ -499,6 +510,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="override the scale's (0: no sparse phase)")
     p.add_argument("--ft-epochs", type=_NONNEG, default=None,
                    help="override the scale's (0: no fine-tuning)")
+    p.add_argument("--no-restore-norms", action="store_true",
+                   help="fine-tune without first scaling shrunk conv rows back to the dense "
+                        "norm (calibrate.restore_bn_input_norms): the ablation of that step")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="a hyperparameter for every method of the grid (repeatable): the runs "
                         "are a variant, e.g. ns+residual=coupled, reported as a row of its own")

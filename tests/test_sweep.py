@@ -441,6 +441,28 @@ def test_sweep_command_interrupted_keeps_finished_runs_and_says_how_to_resume(
     assert [p.name for p in tmp_path.iterdir()] == ["resnet20-quick-l1-macs0.6-seed0.json"]
 
 
+def test_no_restore_norms_skips_the_rescaling_and_is_a_protocol_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from prunelib import calibrate
+    monkeypatch.setattr(data, "cifar10", tiny_data)
+    monkeypatch.setattr(pipeline, "load_baseline", lambda name, *a, **k: tiny_model())
+    calls: list[int] = []
+    real = calibrate.restore_bn_input_norms
+    monkeypatch.setattr(calibrate, "restore_bn_input_norms",
+                        lambda *a: calls.append(1) or real(*a))
+    argv = ["sweep", "--methods", "l1", "--budgets", "0.6", "--scale", "quick",
+            "--reg-epochs", "0", "--ft-epochs", "0.5", "--out", str(tmp_path / "raw"),
+            "--quiet", "--device", "cpu"]
+    assert main([*argv, "--no-restore-norms"]) == 0
+    res = report.read_result(tmp_path / "raw" / "resnet20-quick-l1-macs0.6-seed0.json")
+    assert calls == [] and res["rescaled_rows"] == 0
+    assert res["settings"]["restore_norms"] is False
+    msg = user_error(argv, capsys)          # the same folder without the flag: refused
+    assert "holds a run with other settings (settings.restore_norms: False -> True" in msg
+    argv[argv.index("--out") + 1] = str(tmp_path / "restored")
+    assert main(argv) == 0 and calls == [1]
+
+
 # -- variants: the same methods with hyperparameters set by the sweep (ablation rows) -----------
 def test_a_variant_grid_names_its_runs_and_keeps_the_plain_specs_unchanged() -> None:
     plain, var = grid(), grid(hparams={"residual": "coupled"})

@@ -22,7 +22,15 @@ to the run's file as `torch_pruning` (its counter includes BN, so its ratio may 
     python tools/torch_pruning_row.py sweep --methods tp_magnitude --model resnet20b \\
         --budgets 0.5 --reg-epochs 5 --ft-epochs 5 --scale bench --out book/results/bar_b
 
-Every argument after the script's name is `prunelib`'s command line (`prunelib --help`);
+    python tools/torch_pruning_row.py scores --model resnet20b [--checkpoint FILE]
+
+`scores` checks prunelib's `importance='group_l2'` against Torch-Pruning's
+`GroupMagnitudeImportance(p=2)` (no normalizer) on every channel group of the model (random
+weights unless a prunelib checkpoint is given) and exits 1 if any differs by more than 1e-5
+relative (the same on resnet20b, resnet56b and vgg16; on resnet20's zero-padded shortcuts and
+on mobilenetv2 the two libraries group the channels differently, and it says so). Otherwise
+every argument after the script's name is `prunelib`'s command line
+(`prunelib --help`);
 'tp_magnitude' takes `--hp steps=N`, `--hp p=1|2`, `--hp global_pruning=false` (Torch-Pruning's
 local mode: every group loses the same fraction at each step) and `l1_global`'s `train_first`.
 """
@@ -98,5 +106,54 @@ class TorchPruningMagnitude(MagnitudeGlobal):
         return out
 
 
+def compare_scores(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """{group's first source layer: max |tp - prunelib| / max(prunelib)} over every channel group
+    both libraries find, of prunelib's `group_l2` score and Torch-Pruning's
+    `GroupMagnitudeImportance(p=2, group_reduction='mean', normalizer=None)`."""
+    from prunelib.graph import channel_groups
+    model.eval()
+    groups = channel_groups(model, x)
+    ours = methods.get("l1", importance="group_l2", residual="coupled")
+    ours.attach(model, groups)
+    mine = ours.scores(model)
+    imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    names = {mod: n for n, mod in model.named_modules()}
+    out = {}
+    for g in dg.get_all_groups(ignored_layers=heads, root_module_types=[nn.Conv2d]):
+        root = names[g[0].dep.target.module]          # the conv whose outputs are pruned
+        match = [pg for pg in groups if root in pg.sources]
+        if len(match) != 1:
+            raise ValueError(f"no single prunelib group produced by {root}")
+        theirs, s = imp(g), mine[match[0].index]
+        out[match[0].sources[0]] = float((theirs - s).abs().max() / s.abs().max())
+    if len(out) != len(groups):
+        raise ValueError(f"Torch-Pruning found {len(out)} groups, prunelib {len(groups)}")
+    return out
+
+
+def _scores_command(argv: list[str]) -> int:
+    import argparse
+
+    from prunelib.models import MODELS, get_model
+    from prunelib.train import load_checkpoint
+    p = argparse.ArgumentParser(prog="torch_pruning_row.py scores")
+    p.add_argument("--model", default="resnet20b", choices=MODELS)
+    p.add_argument("--checkpoint", default=None, help="a prunelib checkpoint of that model")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = get_model(args.model)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    diffs = compare_scores(model, torch.randn(1, 3, 32, 32))
+    for name, d in diffs.items():
+        print(f"{name:28s} max relative difference {d:.2e}")
+    worst = max(diffs.values())
+    print(f"{len(diffs)} groups; worst {worst:.2e}: {'same' if worst <= 1e-5 else 'DIFFERENT'}")
+    return 0 if worst <= 1e-5 else 1
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    args = sys.argv[1:]
+    sys.exit(_scores_command(args[1:]) if args[:1] == ["scores"] else main(args))

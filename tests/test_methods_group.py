@@ -402,6 +402,43 @@ def test_greg1_lambda_grows_on_schedule_only_on_the_preset_pruned_set(device):
     assert all(greg.done.values())
 
 
+def test_greg_group_scope_pulls_every_slice_of_a_pruned_channel_and_filters_scope_its_rows(
+        device):
+    bn = {"c3": lambda m, k: [m.b34.weight[k], m.b34.bias[k]],
+          "c4": lambda m, k: [m.b34.weight[3 + k], m.b34.bias[3 + k]], "c5": lambda m, k: []}
+    for scope in ("filters", "group"):
+        model, x = tiny(device)
+        greg, groups = attach(GReg(scope=scope, pr=0.5, delta=0.5, tau=1.0, k_u=1,
+                                   mag_ratio_limit=math.inf), model, x)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        greg.after_backward(model)                       # lam = 0.5 on the pruned channels
+        # oracle: grad = L * w, L summing lam_k over every hand-written slice of channel k
+        lam_sum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for g in (g for g in groups if not g.coupled):
+            name = g.sources[0]
+            for k in torch.nonzero(greg.pruned[g.index]).flatten().tolist():
+                pulled = [model.get_parameter(f"{name}.weight")[k]]
+                if scope == "group":
+                    pulled += OUT[name](model, k)[1:] + bn[name](model, k) + IN[name](model, k)
+                for t in pulled:
+                    _same_slice(lam_sum, model, t).add_(0.5)
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, lam_sum[n] * p.detach()), (scope, n)
+        if scope == "filters":
+            assert (model.b34.weight.grad == 0).all() and (model.c5.bias.grad == 0).all()
+        else:
+            assert (model.b34.weight.grad != 0).any() and (model.fc.weight.grad != 0).any()
+
+
+def _same_slice(tensors, model, t):
+    """The slice of tensors[name] at the place of the parameter slice `t` (same strides)."""
+    for n, p in model.named_parameters():
+        if p.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            return tensors[n].as_strided(t.shape, t.stride(), t.storage_offset())
+    raise LookupError("not a parameter slice")
+
+
 def test_greg2_grows_uniformly_then_picks_by_magnitude_and_recovers_the_kept(device):
     model, x = tiny(device)
     greg, _ = attach(GReg(variant="greg2", pr=0.5, k_u=1, delta_pick=0.01, tau_pick=0.025,

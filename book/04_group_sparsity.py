@@ -1290,7 +1290,12 @@ for _a in (0.1, 0.02):                     # tan of the turn grows exactly as 1 
 # (e) give OICSR twice the rule's λ (`run(..., strength={"lam": 2 * lam})`, as "SSL 2D" above)
 # and compare its sparse-phase accuracy and row norms with its run at D; (f) run OTO with
 # `restore_norms=False` for the full
-# fine-tuning and compare with the probe of Section 8.
+# fine-tuning and compare with the probe of Section 8; (g) give GREG's pull to every slice of
+# its pruned channels — BN's γ and β and the consumers' input columns too, which BN does not
+# renormalize (`pl.methods.get("greg", scope="group")`, as Torch-Pruning's growing-regularization
+# pruner does) — and compare the BN output RMS of Section 8 and the accuracy right after
+# removal with the paper's filters-only pull (chapter 5, Section 7 measures both at 5 + 5
+# epochs).
 
 # %%
 print(f"chapter run time: {time.time() - T_START:.0f} s at scale {SCALE} on {DEVICE}")

@@ -112,13 +112,14 @@ class GReg(Method):
         "lam_recover": HParam(float, hi=0.0, note="GReg-2 lam of the kept filters"),
     }
 
-    def __init__(self, variant: str = "greg1", scope: str = "filters", pr: float | Mapping[str, float] | None = None,
-                 macs: float | None = 0.5, delta: float = 1e-4, tau: float = 1.0,
-                 k_u: int = 10, mag_ratio_limit: float = 1000.0, delta_pick: float = 1e-5,
+    def __init__(self, variant: str = "greg1", scope: str = "filters",
+                 pr: float | Mapping[str, float] | None = None, macs: float | None = 0.5,
+                 delta: float = 1e-4, tau: float = 1.0, k_u: int = 10,
+                 mag_ratio_limit: float = 1000.0, delta_pick: float = 1e-5,
                  tau_pick: float = 1e-2, lam_recover: float = -1e-4, **kw) -> None:
         super().__init__(**kw)
-        self.set_hparams(variant=variant, scope=scope, pr=pr, macs=macs, delta=delta, tau=tau, k_u=k_u,
-                         mag_ratio_limit=mag_ratio_limit, delta_pick=delta_pick,
+        self.set_hparams(variant=variant, scope=scope, pr=pr, macs=macs, delta=delta, tau=tau,
+                         k_u=k_u, mag_ratio_limit=mag_ratio_limit, delta_pick=delta_pick,
                          tau_pick=tau_pick, lam_recover=lam_recover)
         if pr is None and macs is None:
             raise self.invalid("macs", macs, "give layer-wise ratios `pr` or a MACs target "

@@ -45,7 +45,10 @@ Scope       what lam_j penalizes. 'filters' (default, the official `_apply_reg`)
             points). 'group': every weight slice of the channel gets the same lam_j pull, as in
             Torch-Pruning's GrowingRegPruner: the producing convs' rows and biases, the BN's
             gamma and beta, and the consumers' input columns; gamma and beta are not
-            scale-invariant, so the channel's output itself goes to 0.
+            scale-invariant, so the channel's output itself goes to 0. Measured in the same
+            setting (book/results/bar_b, three seeds): removal becomes exactly lossless (86.7%
+            before and after, against 86.9% -> 86.2% with 'filters'), the tuned accuracy moves
+            by +0.12 points, within the seed noise.
 Decision    the paper's rule, `finish(model)`: remove exactly the chosen pruned set (preset
             layer-wise ratios). `finish(model, budget)` ranks all filters globally by mean |w|
             (the pruned ones have been driven towards 0, so they go first) for any Budget.

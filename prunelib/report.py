@@ -336,6 +336,16 @@ methods that have one."""
 NO_SPARSE_PHASE = frozenset({"l1", "l1_global", "eagleeye"})
 """Methods whose `regularize` trains nothing (one-shot or a search): no sparse-phase cost."""
 
+EXTERNAL: dict[str, dict[str, Any]] = {"tp_magnitude": {"residual": "coupled",
+                                                        "sparse_phase": False}}
+"""What the report needs of methods the book's results hold that prunelib does not register:
+`tp_magnitude` is Torch-Pruning's pruner, registered by `tools/torch_pruning_row.py` only; it
+prunes every channel group, trunk included, and trains nothing before it (one-shot)."""
+
+
+def _one_shot(method: str) -> bool:
+    return method in NO_SPARSE_PHASE or EXTERNAL.get(method, {}).get("sparse_phase") is False
+
 
 def _residual(method: str, runs: Sequence[dict]) -> str:
     """The residual policy of the runs: hparams['residual'], else the class's default."""
@@ -346,7 +356,7 @@ def _residual(method: str, runs: Sequence[dict]) -> str:
             from . import methods
             vals.add(methods.get(method).residual)
         except (KeyError, ValueError, TypeError):
-            vals.add("?")
+            vals.add(EXTERNAL.get(method, {}).get("residual", "?"))
     return " / ".join(sorted(vals))
 
 
@@ -387,7 +397,24 @@ def _strength(runs: Sequence[dict]) -> str:
 def _decision(method: str, runs: Sequence[dict]) -> str:
     if any(r["target"].get("own_rule") for r in runs):
         return OWN_DECISIONS.get(method, "own: the method's finish(model, None)")
+    if method in ("l1", "l1_global", "tp_magnitude"):
+        return " / ".join(dict.fromkeys(_magnitude_rule(method, r.get("hparams") or {})
+                                        for r in runs))
     return DECISIONS.get(method, "?")
+
+
+def _magnitude_rule(method: str, hp: dict) -> str:
+    """The magnitude rules' decision with their score and normalization (hparams), e.g.
+    'global ranking of group L2 / group mean'."""
+    if method == "tp_magnitude":
+        how = ("global ranking" if hp.get("global_pruning", True)
+               else "uniform per-group rate")
+        return (f"Torch-Pruning: {how} of group L{hp.get('p', 2)} / group mean, "
+                f"{hp.get('steps', 400)} re-scored steps")
+    score = {"l1": "filter L1", "group_l2": "group L2"}.get(hp.get("importance", "l1"), "?")
+    score += " / group mean" if hp.get("normalize", "none") == "mean" else ""
+    return (f"uniform per-layer rate, lowest {score}" if method == "l1"
+            else f"global ranking of {score}")
 
 
 def recal_gain(r: dict) -> float:
@@ -402,7 +429,7 @@ def sparse_cost(r: dict) -> float | None:
     st, s = r.get("settings") or {}, r["seconds"]
     reg_ep, ft_ep = st.get("reg_epochs"), st.get("ft_epochs")
     reg_s, ft_s = s.get("regularize"), s.get("finetune")
-    if ((r["method"] in NO_SPARSE_PHASE and not (r.get("hparams") or {}).get("train_first"))
+    if ((_one_shot(r["method"]) and not (r.get("hparams") or {}).get("train_first"))
             or not all(_number(x) and x > 0 for x in (reg_ep, ft_ep, reg_s, ft_s))):
         return None
     return (reg_s / reg_ep) / (ft_s / ft_ep)
@@ -432,8 +459,9 @@ def choices(results: Sequence[dict]) -> list[dict]:
                  values" when the method kept its own ('(no rule)': prunelib.strength has no
                  rule for it, e.g. l1, or the method plans its own phase; "method's values
                  (why)" when the caller kept them at a short scale); '- (no penalty)' for
-                 the methods without a sparse phase (NO_SPARSE_PHASE).
-    decision     how channels were chosen (DECISIONS; OWN_DECISIONS for runs without a budget).
+                 the methods without a sparse phase (NO_SPARSE_PHASE, EXTERNAL).
+    decision     how channels were chosen (DECISIONS; OWN_DECISIONS for runs without a budget;
+                 the magnitude rules name their score and normalization from their hparams).
     recal_gain   Stat of accuracy recalibrated - removed (points): what re-estimating the BN
                  statistics alone recovers after removal (large: stale statistics, not a
                  destroyed function).
@@ -447,7 +475,7 @@ def choices(results: Sequence[dict]) -> list[dict]:
         base = rs[0]["method"]                       # a variant's method (ns+... -> ns)
         rows.append({"model": model, "scale": scale, "method": method, "budget": budget,
                      "n": len(rs), "residual": _residual(base, rs),
-                     "strength": "- (no penalty)" if base in NO_SPARSE_PHASE
+                     "strength": "- (no penalty)" if _one_shot(base)
                      else _strength(rs), "decision": _decision(base, rs),
                      "recal_gain": Stat.of([recal_gain(r) for r in rs]),
                      "sparse_cost": Stat.of([sparse_cost(r) for r in rs]),

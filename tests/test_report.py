@@ -232,3 +232,21 @@ def test_runs_from_another_dense_baseline_are_rows_of_their_own_not_extra_seeds(
     rows = report.aggregate([result("l1"), both])
     assert sorted(r["method"] for r in rows) == [
         "l1 (dense 91.00%)", "l1 (reg_epochs=5, ft_epochs=5; dense 88.20%)"]
+
+
+def test_magnitude_rows_name_their_score_and_torch_pruning_rows_are_described() -> None:
+    no_rule = {"rule": "method", "why": "no rule: the method plans its own phase"}
+    rows = report.choices([
+        result("l1", hparams={}, strength=no_rule, reg_s=1e-5),
+        result("l1_global", hparams={"importance": "group_l2", "normalize": "mean"},
+               strength=no_rule, reg_s=1e-5),
+        result("tp_magnitude", hparams={"p": 2, "global_pruning": False, "steps": 400},
+               strength=no_rule, reg_s=1e-5)])
+    assert row_of(rows, "l1")["decision"] == report.DECISIONS["l1"]       # defaults: same text
+    assert row_of(rows, "l1_global")["decision"] == "global ranking of group L2 / group mean"
+    tp = row_of(rows, "tp_magnitude")
+    assert tp["decision"] == ("Torch-Pruning: uniform per-group rate of group L2 / group mean, "
+                              "400 re-scored steps")
+    assert tp["residual"] == "coupled"                      # not registered here: EXTERNAL
+    assert tp["strength"] == "- (no penalty)" and tp["sparse_cost"] is None
+    assert "tp_magnitude" not in methods.names()

@@ -759,19 +759,21 @@ verdict(bar_b_rows, bar_b_dense)
 #   range (0.9–1.7 below), 0.09 points short of the 0.8.
 # * **Pulling the whole channel makes GREG's removal exact.** The paper's GREG pulls only the
 #   filters of its pruned channels, and each filter feeds a BatchNorm that scales it back up
-#   (chapter 4, Section 8): measured on this network after the 5 sparse epochs (seed 0), the
-#   pruned filters are at 0.4–1.7% of the kept ones' norm, yet their BN outputs at 11–46% of
-#   the kept ones' scale, and zeroing the filters costs 5.5 points. `greg+scope=group` gives the
-#   same growing λ to every weight slice of those channels — BN's γ and β and the next conv's
-#   input columns too, which BN does not renormalize, as Torch-Pruning's growing-regularization
-#   pruner does. Its removal is lossless to the digit on all three seeds (86.7% before and
-#   after, against 86.9% → 86.2% for the paper's pull), and it ends **−0.77 ± 0.05** below
-#   dense: the only row of either network within the bar's 0.8, by 0.03 points (one seed of
-#   three, −0.83, is not). On option A the same holds: lossless removal (86.2% before and
-#   after, against 86.3% → 84.2%) and −0.94 ± 0.09 against −1.04 ± 0.14. Both gains, +0.12 and
-#   +0.10 points, are within GREG's seed noise (Welch's t = 1.2 and 1.1 on three seeds each):
-#   what the wider pull surely buys is an exact cut, not a better fine-tuned network — five
-#   epochs of fine-tuning repair most of what the paper's pull leaves to the cut.
+#   (chapter 4, Section 8): measured on this network after the 5 sparse epochs (seed 0,
+#   `tools/greg_probe.py`), the pruned filters are at 0.4–1.7% of the kept ones' norm, yet
+#   their BN outputs at 11–46% of the kept ones' scale, and zeroing the filters costs 5.5
+#   points. `greg+scope=group` gives the same growing λ to every weight slice of those
+#   channels — BN's γ and β and the next conv's input columns too, which BN does not
+#   renormalize, as Torch-Pruning's growing-regularization pruner does; both ratios are then
+#   0.000 and zeroing the filters costs nothing. Its removal is lossless to the digit on all
+#   three seeds (86.7% before and after, against 86.9% → 86.2% for the paper's pull), and it
+#   ends **−0.77 ± 0.05** below dense: the only row of either network within the bar's 0.8,
+#   by 0.03 points (one seed of three, −0.83, is not). On option A the same holds: lossless
+#   removal (86.2% before and after, against 86.3% → 84.2%) and −0.94 ± 0.09 against
+#   −1.04 ± 0.14. Both gains, +0.12 and +0.10 points, are within GREG's seed noise (Welch's
+#   t = 1.2 and 1.1 on three seeds each): what the wider pull surely buys is an exact cut, not
+#   a better fine-tuned network — five epochs of fine-tuning repair most of what the paper's
+#   pull leaves to the cut.
 
 # %% [markdown]
 # **Torch-Pruning's own pruner, through this protocol.** The rows above are prunelib's
